@@ -1,0 +1,200 @@
+"""Profiles: which model, data, budget, dtype and device each stage uses.
+
+A profile is a plain dict, so a learner can read it top to bottom. ``tiny`` is the default and
+runs on a 2-core CPU with no download; the GPU profiles name the real models of the systems the
+course reproduces. Every stage goes through the same code whatever the profile: only these
+settings change.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+DEFAULT_PROFILE = "tiny"
+
+# Settings shared by every profile; a profile overrides what differs.
+_LORA_QKVO = ["q_proj", "k_proj", "v_proj", "o_proj"]
+_LLAMA_ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+PROFILES: dict[str, dict[str, Any]] = {
+    "tiny": {
+        "description": "CPU, no downloads, minutes. Tiny models built and pre-trained here: they "
+                       "show the mechanics and real measured effects; numbers are not clinical quality.",
+        "device": "cpu",
+        "memory_budget": "4 GB RAM, no GPU",
+        "tiny": {  # the tiny base models built by medkit.tiny (all architectures share these)
+            "vocab_size": 4096,
+            "hidden_size": 128,      # small for a 2-core CPU
+            "layers": 2,
+            "heads": 4,
+            "seq_len": 256,
+            "pretrain_seq_len": 128,
+            "pretrain_steps": 240,
+            "pretrain_batch": 16,
+            "lr": 3e-3,
+        },
+        "stages": {
+            "data": {"source": "course", "augment_factor": 2},
+            "sft": {"base_model": "tiny:qwen3", "dataset": "course:qa", "max_steps": 300,
+                    "batch_size": 16, "seq_len": 256, "lr": 2e-3,
+                    "lora": {"r": 64, "alpha": 128, "dropout": 0.05, "target_modules": _LORA_QKVO}},
+            "t5": {"base_model": "tiny:t5", "dataset": "course:qa", "max_steps": 300,
+                   "batch_size": 16, "seq_len": 256, "lr": 2e-3},
+            "dpo": {"base_model": "artifact:sft_model", "dataset": "course:pref_pairs",
+                    "max_steps": 150, "batch_size": 8, "seq_len": 256, "lr": 1e-3, "beta": 0.1,
+                    "loss_type": "sigmoid",
+                    "lora": {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": _LORA_QKVO}},
+            "qlora": {"base_model": "tiny:phi", "dataset": "course:mcq", "max_steps": 200,
+                      "batch_size": 16, "seq_len": 256, "lr": 2e-3, "load_in_4bit": True,
+                      "lora": {"r": 32, "alpha": 64, "dropout": 0.1,
+                               "target_modules": ["q_proj", "k_proj", "v_proj", "dense"]}},
+            "cot": {"base_model": "tiny:llama", "dataset": "course:cot", "max_steps": 200,
+                    "batch_size": 8, "grad_accum": 4, "seq_len": 384, "lr": 2e-3,
+                    "use_unsloth": False, "warmup_steps": 10,
+                    "lora": {"r": 16, "alpha": 16, "dropout": 0.0, "target_modules": _LLAMA_ALL}},
+            "rag": {"embedder": "offline-minilm", "reranker": "train-here", "top_k": 10, "rerank_k": 3},
+            "eval": {"bertscore_model": "offline-minilm"},
+            "serve": {"engine": "vllm-cpu", "max_model_len": 256, "tensor_parallel_size": 1},
+        },
+    },
+    "colab-t4": {
+        "description": "Colab T4: 15 GB GPU memory, no bf16 (fp16), 12 GB RAM.",
+        "device": "cuda",
+        "memory_budget": "15 GB GPU, 12 GB RAM",
+        "stages": {
+            "data": {"source": "hf", "augment_factor": 2},
+            "sft": {"base_model": "Qwen/Qwen2.5-0.5B-Instruct", "dataset": "course:qa",
+                    "max_steps": 500, "batch_size": 8, "grad_accum": 2, "seq_len": 512, "lr": 2e-4,
+                    "gradient_checkpointing": True,
+                    "lora": {"r": 64, "alpha": 128, "dropout": 0.05, "target_modules": _LORA_QKVO}},
+            "t5": {"base_model": "google/flan-t5-small", "dataset": "course:qa", "max_steps": 500,
+                   "batch_size": 16, "seq_len": 512, "lr": 3e-4},
+            "dpo": {"base_model": "artifact:sft_model", "dataset": "course:pref_pairs",
+                    "max_steps": 300, "batch_size": 4, "grad_accum": 4, "seq_len": 512, "lr": 5e-6,
+                    "beta": 0.1, "loss_type": "sigmoid",
+                    "lora": {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": _LORA_QKVO}},
+            "qlora": {"base_model": "microsoft/phi-2", "dataset": "openlifescienceai/medmcqa",
+                      "max_steps": 300, "batch_size": 4, "grad_accum": 4, "seq_len": 512, "lr": 2e-4,
+                      "load_in_4bit": True, "gradient_checkpointing": True,
+                      "lora": {"r": 32, "alpha": 64, "dropout": 0.1,
+                               "target_modules": ["q_proj", "k_proj", "v_proj", "dense"]}},
+            "cot": {"base_model": "unsloth/DeepSeek-R1-Distill-Llama-8B-unsloth-bnb-4bit",
+                    "dataset": "FreedomIntelligence/medical-o1-reasoning-SFT", "max_steps": 60,
+                    "batch_size": 2, "grad_accum": 4, "seq_len": 2048, "lr": 2e-4,
+                    "use_unsloth": True, "warmup_steps": 5, "optim": "adamw_8bit",
+                    "lora": {"r": 16, "alpha": 16, "dropout": 0.0, "target_modules": _LLAMA_ALL}},
+            "rag": {"embedder": "BAAI/bge-small-en-v1.5", "reranker": "BAAI/bge-reranker-base",
+                    "top_k": 10, "rerank_k": 3},
+            "eval": {"bertscore_model": "microsoft/deberta-xlarge-mnli"},
+            "serve": {"engine": "vllm", "max_model_len": 2048, "tensor_parallel_size": 1},
+        },
+    },
+    "gpu-24gb": {
+        "description": "One 24 GB+ GPU (L4, A10, RTX 3090/4090, A100): bf16 where supported.",
+        "device": "cuda",
+        "memory_budget": "24 GB GPU, 32 GB RAM",
+        "stages": {
+            "data": {"source": "hf", "augment_factor": 2},
+            "sft": {"base_model": "Qwen/Qwen2.5-0.5B-Instruct", "dataset": "course:qa",
+                    "max_steps": 1000, "batch_size": 16, "seq_len": 1024, "lr": 2e-4,
+                    "lora": {"r": 64, "alpha": 128, "dropout": 0.05, "target_modules": _LORA_QKVO}},
+            "t5": {"base_model": "google/flan-t5-small", "dataset": "course:qa", "max_steps": 1000,
+                   "batch_size": 32, "seq_len": 512, "lr": 3e-4},
+            "dpo": {"base_model": "artifact:sft_model", "dataset": "course:pref_pairs",
+                    "max_steps": 500, "batch_size": 8, "grad_accum": 2, "seq_len": 1024, "lr": 5e-6,
+                    "beta": 0.1, "loss_type": "sigmoid",
+                    "lora": {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": _LORA_QKVO}},
+            "qlora": {"base_model": "microsoft/phi-2", "dataset": "openlifescienceai/medmcqa",
+                      "max_steps": 1000, "batch_size": 8, "grad_accum": 2, "seq_len": 512, "lr": 2e-4,
+                      "load_in_4bit": True,
+                      "lora": {"r": 32, "alpha": 64, "dropout": 0.1,
+                               "target_modules": ["q_proj", "k_proj", "v_proj", "dense"]}},
+            "cot": {"base_model": "unsloth/DeepSeek-R1-Distill-Llama-8B-unsloth-bnb-4bit",
+                    "dataset": "FreedomIntelligence/medical-o1-reasoning-SFT", "max_steps": 200,
+                    "batch_size": 2, "grad_accum": 4, "seq_len": 2048, "lr": 2e-4,
+                    "use_unsloth": True, "warmup_steps": 5, "optim": "adamw_8bit",
+                    "lora": {"r": 16, "alpha": 16, "dropout": 0.0, "target_modules": _LLAMA_ALL}},
+            "rag": {"embedder": "BAAI/bge-m3", "reranker": "BAAI/bge-reranker-v2-m3",
+                    "top_k": 10, "rerank_k": 3},
+            "eval": {"bertscore_model": "microsoft/deberta-xlarge-mnli"},
+            "serve": {"engine": "vllm", "max_model_len": 4096, "tensor_parallel_size": 1},
+        },
+    },
+}
+# The GPU profiles build no tiny models, but keep the same keys so code never branches on them.
+for _name in ("colab-t4", "gpu-24gb"):
+    PROFILES[_name]["tiny"] = copy.deepcopy(PROFILES["tiny"]["tiny"])
+
+
+def profile_names() -> list[str]:
+    return list(PROFILES)
+
+
+def detect_device(requested: str | None = None) -> str:
+    """Return the device to use: the requested one if it exists here, else the best available."""
+    import torch
+
+    if requested in (None, "auto", "cuda") and torch.cuda.is_available():
+        return "cuda"
+    if requested == "mps" and getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def pick_dtype(device: str, prefer_bf16_on_cpu: bool = False) -> str:
+    """bf16 only where the hardware has it, fp16 on older GPUs (a T4 has no bf16), fp32 on CPU.
+
+    Returns the dtype's name ("bfloat16", "float16" or "float32") so it can go into config.json.
+    """
+    import torch
+
+    if device == "cuda":
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    if device == "mps":
+        return "float16"
+    return "bfloat16" if prefer_bf16_on_cpu else "float32"
+
+
+def resolve(profile: str | None = None, stage: str | None = None, **overrides: Any) -> dict[str, Any]:
+    """The resolved config: the profile's settings plus the device and dtype found on this machine.
+
+    ``stage`` narrows it to one stage (its keys are merged on top of the shared keys).
+    ``overrides`` replace keys at the top level of the result (e.g. ``max_steps=10``).
+    """
+    profile = profile or os.environ.get("MEDKIT_PROFILE", DEFAULT_PROFILE)
+    if profile not in PROFILES:
+        raise ValueError(f"unknown profile {profile!r}; choose one of {profile_names()}")
+    p = copy.deepcopy(PROFILES[profile])
+    device = detect_device(p["device"])
+    cfg: dict[str, Any] = {
+        "profile": profile,
+        "description": p["description"],
+        "memory_budget": p["memory_budget"],
+        "device": device,
+        "requested_device": p["device"],
+        "dtype": pick_dtype(device),
+        "tiny": p["tiny"],
+    }
+    if stage is None:
+        cfg["stages"] = p["stages"]
+    else:
+        if stage not in p["stages"]:
+            raise ValueError(f"profile {profile!r} has no stage {stage!r}; stages: {list(p['stages'])}")
+        cfg["stage"] = stage
+        cfg.update(p["stages"][stage])
+    for key, value in overrides.items():
+        if value is not None:
+            cfg[key] = value
+    return cfg
+
+
+def save_config(cfg: dict[str, Any], directory: str | os.PathLike) -> Path:
+    """Write the resolved config as ``config.json`` beside an artifact; returns the file's path."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "config.json"
+    path.write_text(json.dumps(cfg, indent=2, sort_keys=True, default=str) + "\n")
+    return path

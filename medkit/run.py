@@ -1,0 +1,424 @@
+"""The course runner: execute the notebooks in order with papermill and summarise the run.
+
+    python -m medkit.run                      # every notebook, tiny profile
+    python -m medkit.run --only 02,03         # a subset (by number prefix or name)
+    python -m medkit.run --from 04 --resume   # continue the latest run, skipping finished work
+    python -m medkit.run --compare old/summary.json   # run, then flag metrics that moved
+    python -m medkit.run --compare old/summary.json --no-run   # compare the latest run only
+
+Per notebook it writes ``outputs/runs/<run-id>/<name>/``: the executed copy, ``log.txt``,
+``metrics.json``; and for the run ``summary.json``, ``summary.md`` and the ``outputs/latest`` link.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import paths, report
+
+# What each course notebook needs to have run first (a notebook may also declare
+# ``metadata.medkit.depends`` itself; fixture notebooks in tests do).
+DEPENDS = {
+    "02_sft": ["01_data"],
+    "03_dpo": ["02_sft"],
+    "04_qlora_phi2": ["01_data"],
+    "05_r1_cot_unsloth": ["01_data"],
+    "06_rag": ["01_data"],
+    "07_agent": ["01_data", "06_rag"],
+    "08_benchmarking": ["02_sft", "03_dpo", "04_qlora_phi2", "05_r1_cot_unsloth", "06_rag"],
+    "09_vllm_serving": ["02_sft", "07_agent"],
+}
+
+
+@dataclass
+class Result:
+    name: str
+    status: str  # ok | failed | skipped
+    seconds: float = 0.0
+    peak_rss_mb: float = 0.0
+    metrics: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+    resumed: bool = False
+
+    def as_summary(self) -> dict[str, Any]:
+        out = {"name": self.name, "status": self.status, "seconds": round(self.seconds, 2),
+               "peak_rss_mb": round(self.peak_rss_mb, 1), "metrics": self.metrics}
+        if self.error:
+            out["error"] = self.error
+        if self.resumed:
+            out["resumed"] = True
+        return out
+
+
+def discover(notebooks_dir: Path) -> list[Path]:
+    """Course notebooks: ``NN_name.ipynb``, in number order."""
+    return sorted(p for p in Path(notebooks_dir).glob("[0-9][0-9]_*.ipynb"))
+
+
+def select(notebooks: list[Path], only: str | None = None, start: str | None = None) -> list[Path]:
+    def matches(p: Path, token: str) -> bool:
+        token = token.strip()
+        return p.stem == token or p.stem.split("_")[0] == token.zfill(2)
+
+    chosen = notebooks
+    if start:
+        idx = next((i for i, p in enumerate(notebooks) if matches(p, start)), None)
+        if idx is None:
+            raise SystemExit(f"--from {start}: no such notebook in {[p.stem for p in notebooks]}")
+        chosen = notebooks[idx:]
+    if only:
+        tokens = [t for t in only.split(",") if t.strip()]
+        unknown = [t for t in tokens if not any(matches(p, t) for p in notebooks)]
+        if unknown:
+            raise SystemExit(f"--only: unknown notebook(s) {unknown}; have {[p.stem for p in notebooks]}")
+        chosen = [p for p in chosen if any(matches(p, t) for t in tokens)]
+    return chosen
+
+
+def depends_of(nb_path: Path) -> list[str]:
+    meta = json.loads(Path(nb_path).read_text()).get("metadata", {}).get("medkit", {})
+    return list(meta.get("depends", DEPENDS.get(nb_path.stem, [])))
+
+
+def input_key(nb_path: Path, params: dict[str, Any], upstream_keys: list[str]) -> str:
+    """What a notebook's result depends on: its own text, its parameters, the medkit source and
+    its upstream notebooks' keys. ``--resume`` reuses a result only when this key matches."""
+    h = hashlib.sha256()
+    h.update(Path(nb_path).read_bytes())
+    h.update(json.dumps(params, sort_keys=True).encode())
+    for src in sorted(paths.PACKAGE_DIR.rglob("*.py")):
+        h.update(src.read_bytes())
+    for key in upstream_keys:
+        h.update(key.encode())
+    return h.hexdigest()[:16]
+
+
+class _PeakRSS:
+    """Samples the resident memory of a process tree (papermill + its kernel) in a thread."""
+
+    def __init__(self, pid: int, interval: float = 0.2):
+        self.pid, self.interval, self.peak = pid, interval, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self) -> None:
+        import psutil
+        try:
+            root = psutil.Process(self.pid)
+        except psutil.Error:
+            return
+        while not self._stop.is_set():
+            total = 0
+            try:
+                for proc in [root, *root.children(recursive=True)]:
+                    try:
+                        total += proc.memory_info().rss
+                    except psutil.Error:
+                        pass
+            except psutil.Error:
+                break
+            self.peak = max(self.peak, total)
+            self._stop.wait(self.interval)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join(timeout=2)
+
+
+def failed_cell(executed: Path) -> tuple[int | None, str]:
+    """(code cell number, 1-based, among code cells; 'ExcName: message') of the failing cell."""
+    try:
+        nb = json.loads(Path(executed).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None, "no executed notebook was written"
+    code_no = 0
+    for cell in nb.get("cells", []):
+        if cell.get("cell_type") != "code":
+            continue
+        if "injected-parameters" in cell.get("metadata", {}).get("tags", []):
+            continue  # papermill's own cell is not the learner's
+        code_no += 1
+        for out in cell.get("outputs", []):
+            if out.get("output_type") == "error":
+                return code_no, f"{out.get('ename')}: {out.get('evalue')}"
+    return None, "no cell recorded an error (killed, timed out, or the kernel died)"
+
+
+def execute(nb_path: Path, run_dir: Path, params: dict[str, Any], timeout: float | None,
+            kernel: str) -> Result:
+    """Run one notebook with papermill in a child process; never raises for a notebook failure."""
+    name = nb_path.stem
+    out_dir = run_dir / name
+    out_dir.mkdir(parents=True, exist_ok=True)
+    executed = out_dir / f"{name}.ipynb"
+    log = out_dir / "log.txt"
+    (out_dir / "metrics.json").unlink(missing_ok=True)  # metrics of an earlier attempt are stale
+    cmd = [sys.executable, "-m", "papermill", str(nb_path), str(executed), "--kernel", kernel,
+           "--log-output", "--no-progress-bar", "--cwd", str(nb_path.parent)]
+    for key, value in params.items():
+        cmd += ["-p", key, str(value)] if isinstance(value, str) else ["-y", f"{key}: {json.dumps(value)}"]
+    env = dict(os.environ, MEDKIT_HEADLESS="1", PYTHONUNBUFFERED="1", MPLBACKEND="Agg")
+    start = time.perf_counter()
+    timed_out = False
+    with open(log, "w") as logf:
+        proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True)
+        with _PeakRSS(proc.pid) as mem:
+            try:
+                rc = proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                timed_out = True
+                os.killpg(proc.pid, signal.SIGTERM)
+                try:
+                    rc = proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    rc = proc.wait()
+    seconds = time.perf_counter() - start
+    metrics_file = out_dir / "metrics.json"
+    metrics = json.loads(metrics_file.read_text()) if metrics_file.exists() else {}
+    result = Result(name, "ok" if rc == 0 else "failed", seconds, mem.peak / 2**20, metrics)
+    if rc != 0:
+        cell, exc = failed_cell(executed)
+        where = f"cell {cell}" if cell else "no cell"
+        if timed_out:
+            exc = f"timed out after {timeout:.0f} s; " + exc
+        result.error = f"{name} failed at {where}: {exc} (partial output: {executed}; log: {log})"
+    return result
+
+
+def compare(old: dict[str, Any], new: dict[str, Any], rel_tol: float = 0.10,
+            abs_tol: float = 0.02) -> list[dict[str, Any]]:
+    """Metrics that moved between two ``summary.json`` files. A number moved when
+    ``|new - old| > max(abs_tol, rel_tol * |old|)``; anything else moved when it changed;
+    a metric present in ``old`` and missing from ``new`` is flagged too."""
+    def flat(summary: dict[str, Any]) -> dict[str, tuple[str, Any]]:
+        out = {}
+        for nb in summary.get("notebooks", []):
+            for key, value in (nb.get("metrics") or {}).items():
+                out[f"{nb['name']}:{key}"] = (nb["name"], value)
+            out[f"{nb['name']}:status"] = (nb["name"], nb.get("status"))
+        return out
+
+    a, b = flat(old), flat(new)
+    moved = []
+    for key in sorted(set(a) | set(b)):
+        nb = (a.get(key) or b.get(key))[0]
+        metric = key.split(":", 1)[1]
+        va = a.get(key, (None, None))[1]
+        vb = b.get(key, (None, None))[1]
+        if key not in b:
+            moved.append({"notebook": nb, "metric": metric, "old": va, "new": None, "why": "missing"})
+        elif key not in a:
+            continue  # a new metric is not a regression
+        elif isinstance(va, (int, float)) and isinstance(vb, (int, float)) and not isinstance(va, bool):
+            delta = vb - va
+            if abs(delta) > max(abs_tol, rel_tol * abs(va)):
+                moved.append({"notebook": nb, "metric": metric, "old": va, "new": vb,
+                              "why": f"{'+' if delta > 0 else ''}{delta:.4g}"})
+        elif va != vb:
+            moved.append({"notebook": nb, "metric": metric, "old": va, "new": vb, "why": "changed"})
+    return moved
+
+
+def summary_markdown(summary: dict[str, Any]) -> str:
+    rows = []
+    for nb in summary["notebooks"]:
+        shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                          for k, v in list(nb["metrics"].items())[:6])
+        more = len(nb["metrics"]) - 6
+        rows.append({"notebook": nb["name"], "status": nb["status"] + (" (resumed)" if nb.get("resumed") else ""),
+                     "seconds": nb["seconds"], "peak RSS MB": nb["peak_rss_mb"],
+                     "metrics": shown + (f", … (+{more})" if more > 0 else "")})
+    head = (f"# Run {summary['run_id']}\n\nprofile `{summary['profile']}`, "
+            f"{summary['total_seconds']:.1f} s in all, on {summary.get('machine', '?')}\n\n")
+    errors = [f"- {nb['error']}" for nb in summary["notebooks"] if nb.get("error")]
+    return head + report.markdown_table(rows) + ("\n\n## Failures\n" + "\n".join(errors) if errors else "") + "\n"
+
+
+def _machine() -> str:
+    import platform
+    return f"{platform.node() or 'host'}: {os.cpu_count()} CPU, {platform.machine()}, Python {platform.python_version()}"
+
+
+def _update_latest(run_dir: Path) -> None:
+    latest = run_dir.parent.parent / "latest"
+    try:
+        if latest.is_symlink() or latest.exists():
+            latest.unlink()
+        latest.symlink_to(run_dir.relative_to(latest.parent), target_is_directory=True)
+    except OSError:  # filesystems without symlinks: write the path instead
+        latest.write_text(str(run_dir) + "\n")
+
+
+def latest_run(root: Path) -> Path | None:
+    latest = root / "latest"
+    if latest.is_symlink() or latest.is_dir():
+        return latest.resolve()
+    if latest.is_file():
+        return Path(latest.read_text().strip())
+    return None
+
+
+def _print_moved(moved: list[dict[str, Any]], against: str) -> None:
+    if not moved:
+        print(f"compare: no metric moved beyond tolerance against {against}")
+        return
+    print(f"compare: {len(moved)} metric(s) moved against {against}:")
+    print(report.markdown_table(moved, ["notebook", "metric", "old", "new", "why"]))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m medkit.run", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--profile", default=os.environ.get("MEDKIT_PROFILE", "tiny"))
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--only", help="comma list of notebooks (02,03 or 02_sft)")
+    ap.add_argument("--from", dest="start", help="start at this notebook")
+    ap.add_argument("--list", action="store_true", help="list the notebooks and exit")
+    ap.add_argument("--resume", action="store_true",
+                    help="continue the latest run; skip notebooks already done with the same inputs")
+    ap.add_argument("--compare", metavar="SUMMARY_JSON", help="flag metrics that moved against this run")
+    ap.add_argument("--no-run", action="store_true", help="with --compare: compare the latest run only")
+    ap.add_argument("--rel-tol", type=float, default=0.10)
+    ap.add_argument("--abs-tol", type=float, default=0.02)
+    ap.add_argument("--timeout", type=float, default=1800, help="seconds per notebook")
+    ap.add_argument("--notebooks-dir", default=str(paths.repo_root() / "notebooks"))
+    ap.add_argument("--output-root", default=None, help="default: $MEDKIT_OUTPUT_DIR or outputs/")
+    ap.add_argument("--run-id", default=None)
+    ap.add_argument("--kernel", default=os.environ.get("MEDKIT_KERNEL", "medkit"),
+                    help="Jupyter kernel (make setup registers `medkit` for .venv)")
+    args = ap.parse_args(argv)
+
+    root = Path(args.output_root) if args.output_root else paths.output_root()
+    if args.output_root:
+        os.environ["MEDKIT_OUTPUT_DIR"] = str(Path(args.output_root).resolve())
+    notebooks = discover(Path(args.notebooks_dir))
+    if args.list:
+        for p in notebooks:
+            deps = depends_of(p)
+            print(f"{p.stem}" + (f"  (needs {', '.join(deps)})" if deps else ""))
+        return 0
+    old = None
+    if args.compare:
+        old_path = Path(args.compare)
+        if not old_path.exists():
+            print(f"--compare: {old_path} does not exist", file=sys.stderr)
+            return 2
+        old = json.loads(old_path.read_text())
+    if args.no_run:
+        if old is None:
+            print("--no-run needs --compare", file=sys.stderr)
+            return 2
+        last = latest_run(root)
+        if not last or not (last / "summary.json").exists():
+            print(f"--no-run: no latest run under {root}", file=sys.stderr)
+            return 2
+        moved = compare(old, json.loads((last / "summary.json").read_text()), args.rel_tol, args.abs_tol)
+        _print_moved(moved, str(args.compare))
+        return 3 if moved else 0
+
+    chosen = select(notebooks, args.only, args.start)
+    if not chosen:
+        print(f"no notebooks to run in {args.notebooks_dir}")
+        return 0
+
+    previous: dict[str, dict[str, Any]] = {}
+    run_dir = None
+    if args.resume:
+        run_dir = latest_run(root)
+        if run_dir and (run_dir / "summary.json").exists():
+            prev = json.loads((run_dir / "summary.json").read_text())
+            if prev.get("profile") == args.profile:
+                previous = {nb["name"]: nb for nb in prev["notebooks"]}
+            else:
+                run_dir = None
+        else:
+            run_dir = None
+    if run_dir is None:
+        run_id = args.run_id or dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+        run_dir = root / "runs" / run_id
+    run_dir = run_dir.resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    params = {"profile": args.profile, "seed": args.seed, "output_dir": str(run_dir)}
+
+    from tqdm.auto import tqdm
+
+    results: dict[str, Result] = {}
+    keys: dict[str, str] = {}
+    t0 = time.perf_counter()
+    bar = tqdm(chosen, desc="course", unit="nb", file=sys.stdout)
+    for nb_path in bar:
+        name = nb_path.stem
+        bar.set_postfix_str(name)
+        deps = depends_of(nb_path)
+        bad = [d for d in deps if d in results and results[d].status != "ok"]
+        key = input_key(nb_path, params, [keys.get(d, "") for d in deps])
+        keys[name] = key
+        if bad:
+            results[name] = Result(name, "skipped", error=f"{name} skipped: upstream {', '.join(bad)} did not succeed")
+            tqdm.write(f"skip  {name}: upstream {', '.join(bad)} did not succeed")
+            continue
+        done_file = run_dir / name / "done.json"
+        if args.resume and done_file.exists() and name in previous:
+            done = json.loads(done_file.read_text())
+            if done.get("key") == key and previous[name].get("status") == "ok":
+                p = previous[name]
+                results[name] = Result(name, "ok", p["seconds"], p["peak_rss_mb"], p["metrics"], resumed=True)
+                tqdm.write(f"done  {name} (resumed: same inputs)")
+                continue
+        done_file.unlink(missing_ok=True)
+        res = execute(nb_path, run_dir, params, args.timeout, args.kernel)
+        results[name] = res
+        if res.status == "ok":
+            done_file.write_text(json.dumps({"key": key}) + "\n")
+            tqdm.write(f"ok    {name} in {res.seconds:.1f} s, peak {res.peak_rss_mb:.0f} MB")
+        else:
+            tqdm.write(f"FAIL  {res.error}")
+    bar.close()
+
+    # Keep results of notebooks that this invocation did not select (e.g. --only on a resumed run).
+    ordered = [results[p.stem] if p.stem in results else None for p in notebooks]
+    merged = []
+    for p, r in zip(notebooks, ordered):
+        if r is not None:
+            merged.append(r.as_summary())
+        elif p.stem in previous:
+            merged.append(previous[p.stem])
+    summary = {"run_id": run_dir.name, "profile": args.profile,
+               "total_seconds": round(time.perf_counter() - t0, 2),
+               "machine": _machine(), "notebooks": merged}
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    md = summary_markdown(summary)
+    (run_dir / "summary.md").write_text(md)
+    _update_latest(run_dir)
+    print("\n" + md)
+    print(f"summary: {run_dir / 'summary.json'}")
+
+    rc = 0 if all(r.status == "ok" for r in results.values()) else 1
+    if old is not None:
+        moved = compare(old, summary, args.rel_tol, args.abs_tol)
+        _print_moved(moved, str(args.compare))
+        (run_dir / "compare.json").write_text(json.dumps(moved, indent=2) + "\n")
+        if moved and rc == 0:
+            rc = 3
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())

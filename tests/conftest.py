@@ -1,0 +1,29 @@
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def out_root(tmp_path, monkeypatch):
+    """A private MEDKIT_OUTPUT_DIR so tests never touch the course's outputs/."""
+    root = tmp_path / "outputs"
+    monkeypatch.setenv("MEDKIT_OUTPUT_DIR", str(root))
+    return root
+
+
+@pytest.fixture(scope="session")
+def shared_data():
+    """../shared/data (real public datasets), or skip."""
+    from medkit import paths
+
+    d = paths.shared_data_dir()
+    if d is None:
+        pytest.skip("../shared/data is absent")
+    return d
+
+
+def pytest_configure(config):
+    os.environ.setdefault("MPLBACKEND", "Agg")

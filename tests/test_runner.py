@@ -1,0 +1,126 @@
+"""The papermill runner on small fixture notebooks (success, failure in cell 3, resume, compare)."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from medkit import nbtools, run
+
+pytestmark = pytest.mark.slow
+
+RECORD = "from medkit import report\nreport.record({'demo.value': value, 'demo.profile': profile}, output_dir + '/' + NAME)"
+
+
+def _fixture(folder, name, body, depends=None, value=1.0):
+    cells = [("md", f"# {name}\n\nWhat you will learn: nothing.\n\n| profile | time |\n|---|---|\n| tiny | 1 s |"),
+             ("code", nbtools.ENV_CELL),
+             ("code", nbtools.params_cell(value=repr(value), NAME=repr(name)), ["parameters"])]
+    cells += [("code", b) for b in body]
+    cells += [("code", RECORD), ("md", "Next: more.")]
+    path = nbtools.build(cells, folder / f"{name}.ipynb")
+    if depends is not None:
+        nb = json.loads(path.read_text())
+        nb["metadata"]["medkit"] = {"depends": depends}
+        path.write_text(json.dumps(nb))
+    return path
+
+
+def _run(nbdir, root, *args):
+    cmd = [sys.executable, "-m", "medkit.run", "--notebooks-dir", str(nbdir), "--output-root", str(root), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, MEDKIT_OUTPUT_DIR=str(root)))
+
+
+@pytest.fixture
+def course(tmp_path):
+    nbdir = tmp_path / "nbs"
+    _fixture(nbdir, "01_ok", ["x = 1 + 1"], depends=[])
+    _fixture(nbdir, "02_fails", ["raise ValueError('boom in cell three')", "a = 1"], depends=["01_ok"])
+    _fixture(nbdir, "03_needs_02", ["pass"], depends=["02_fails"])
+    _fixture(nbdir, "04_independent", ["pass"], depends=["01_ok"])
+    return nbdir, tmp_path / "out"
+
+
+def test_list(course):
+    nbdir, root = course
+    r = _run(nbdir, root, "--list")
+    assert r.returncode == 0
+    assert "02_fails" in r.stdout and "(needs 01_ok)" in r.stdout
+
+
+def test_success_writes_summary_in_the_contract_shape(course):
+    nbdir, root = course
+    r = _run(nbdir, root, "--only", "01", "--run-id", "r1")
+    assert r.returncode == 0, r.stdout + r.stderr
+    summary = json.loads((root / "runs" / "r1" / "summary.json").read_text())
+    assert set(summary) >= {"run_id", "profile", "total_seconds", "notebooks"}
+    nb = summary["notebooks"][0]
+    assert set(nb) >= {"name", "status", "seconds", "peak_rss_mb", "metrics"}
+    assert nb["status"] == "ok" and nb["metrics"]["demo.value"] == 1.0
+    assert nb["metrics"]["demo.profile"] == "tiny"
+    assert nb["peak_rss_mb"] > 10 and nb["seconds"] > 0
+    folder = root / "runs" / "r1" / "01_ok"
+    assert (folder / "01_ok.ipynb").exists() and (folder / "log.txt").exists()
+    assert (root / "latest").resolve() == (root / "runs" / "r1").resolve()
+    assert (root / "runs" / "r1" / "summary.md").read_text().startswith("# Run r1")
+
+
+def test_failure_in_cell_3_names_it_keeps_partial_output_and_skips_dependents(course):
+    nbdir, root = course
+    r = _run(nbdir, root, "--run-id", "r2")
+    assert r.returncode == 1
+    out = r.stdout + r.stderr
+    # code cells: environment (1), parameters (2), the raise (3); papermill's injected cell
+    # is not counted, so the number matches what the learner sees in the committed notebook
+    assert "02_fails failed at cell 3: ValueError: boom in cell three" in out
+    summary = json.loads((root / "runs" / "r2" / "summary.json").read_text())
+    status = {nb["name"]: nb["status"] for nb in summary["notebooks"]}
+    assert status == {"01_ok": "ok", "02_fails": "failed", "03_needs_02": "skipped", "04_independent": "ok"}
+    partial = json.loads((root / "runs" / "r2" / "02_fails" / "02_fails.ipynb").read_text())
+    executed = [c for c in partial["cells"] if c["cell_type"] == "code" and c.get("outputs")]
+    assert executed, "the partial executed notebook keeps the outputs it reached"
+
+
+def test_resume_skips_what_is_done_and_reruns_what_changed(course):
+    nbdir, root = course
+    assert _run(nbdir, root, "--only", "01,04", "--run-id", "r3").returncode == 0
+    r = _run(nbdir, root, "--only", "01,04", "--resume")
+    assert r.returncode == 0
+    assert "01_ok (resumed: same inputs)" in r.stdout and "04_independent (resumed" in r.stdout
+    # editing a notebook changes its inputs: it runs again, and so does what depends on it
+    _fixture(nbdir, "01_ok", ["x = 2 + 2"], depends=[])
+    r = _run(nbdir, root, "--only", "01,04", "--resume")
+    assert "01_ok (resumed" not in r.stdout and "04_independent (resumed" not in r.stdout
+    assert r.returncode == 0
+
+
+def test_compare_flags_a_moved_metric(course, tmp_path):
+    nbdir, root = course
+    assert _run(nbdir, root, "--only", "01", "--run-id", "base").returncode == 0
+    baseline = root / "runs" / "base" / "summary.json"
+    _fixture(nbdir, "01_ok", ["pass"], depends=[], value=1.5)  # the metric moves by +50%
+    r = _run(nbdir, root, "--only", "01", "--run-id", "new", "--compare", str(baseline))
+    assert r.returncode == 3, r.stdout
+    assert "demo.value" in r.stdout and "moved" in r.stdout
+    moved = json.loads((root / "runs" / "new" / "compare.json").read_text())
+    assert moved == [{"notebook": "01_ok", "metric": "demo.value", "old": 1.0, "new": 1.5, "why": "+0.5"}]
+    # unchanged run: nothing flagged
+    r = _run(nbdir, root, "--compare", str(root / "runs" / "new" / "summary.json"), "--no-run")
+    assert r.returncode == 0 and "no metric moved" in r.stdout
+
+
+def test_compare_tolerances_unit():
+    old = {"notebooks": [{"name": "a", "status": "ok", "metrics": {"x": 1.0, "y": 100, "s": "cpu", "gone": 1}}]}
+    new = {"notebooks": [{"name": "a", "status": "ok", "metrics": {"x": 1.015, "y": 120, "s": "gpu"}}]}
+    moved = {m["metric"]: m["why"] for m in run.compare(old, new)}
+    assert moved == {"y": "+20", "s": "changed", "gone": "missing"}
+
+
+def test_timeout_is_reported(tmp_path):
+    nbdir = tmp_path / "nbs"
+    _fixture(nbdir, "01_slow", ["import time; time.sleep(60)"], depends=[])
+    r = _run(nbdir, tmp_path / "out", "--timeout", "15", "--run-id", "t")
+    assert r.returncode == 1
+    assert "timed out after 15 s" in r.stdout
