@@ -60,7 +60,8 @@ def read_records(path: str | Path, lenient: bool = False) -> tuple[list[dict[str
     text = _decode(path)
     if suffix == ".jsonl":
         rows = []
-        for lineno, line in enumerate(text.splitlines(), 1):
+        # split on "\n" only: str.splitlines() also breaks on U+2028 etc. inside JSON strings
+        for lineno, line in enumerate(text.split("\n"), 1):
             if not line.strip():
                 continue
             try:

@@ -135,7 +135,7 @@ def load_split(folder: str | Path, name: str, split: str) -> list[dict[str, Any]
     path = Path(folder) / name / f"{split}.jsonl"
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: run 01_data first")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [json.loads(line) for line in path.read_text().split("\n") if line.strip()]
 
 
 def pretraining_corpus(data: CourseData) -> list[str]:
