@@ -8,6 +8,7 @@ documented in ``data/kb/SCHEMA.md``.
 """
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -100,6 +101,7 @@ class KnowledgeBase:
     lay_terms: list[dict]
     triage: dict[str, Any]
     source: Path
+    fingerprint: str = ""  # hash of the YAML files as loaded: versions every dataset built from it
     _pairs: dict[frozenset, dict] = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
@@ -263,7 +265,10 @@ def validate(folder: str | Path | None = None, minimum_counts: dict[str, int] | 
             elif set(when) - allowed:
                 problems.append(f"{where}: unknown condition keys {sorted(set(when) - allowed)}")
 
-    kb = KnowledgeBase(conditions, drugs, interactions, red_flags, lay_terms, triage, folder)
+    h = hashlib.sha256()
+    for f in sorted(folder.glob("*.yaml")):
+        h.update(f.name.encode() + b"\0" + f.read_bytes())
+    kb = KnowledgeBase(conditions, drugs, interactions, red_flags, lay_terms, triage, folder, h.hexdigest()[:12])
     for name, n in kb.counts().items():
         if n < mins.get(name, 0):
             problems.append(f"{folder}: {name} has {n} entries, the course needs at least {mins[name]}")

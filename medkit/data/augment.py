@@ -22,7 +22,8 @@ def lay_substitutions(kb: KnowledgeBase) -> list[tuple[re.Pattern, str]]:
         if c["lay_terms"]:
             pairs.setdefault(c["name"].lower(), c["lay_terms"][0])
     ordered = sorted(pairs.items(), key=lambda kv: -len(kv[0]))  # longest first
-    return [(re.compile(rf"\b{re.escape(k)}\b", re.I), v) for k, v in ordered if len(k) > 3]
+    return [(re.compile(rf"\b{re.escape(k)}\b", re.I), v) for k, v in ordered
+            if len(k) > 3 and v.lower() != k]
 
 
 def augment(rows: list[dict[str, Any]], kb: KnowledgeBase, factor: int = 2, seed: int = 0,
@@ -44,7 +45,7 @@ def augment(rows: list[dict[str, Any]], kb: KnowledgeBase, factor: int = 2, seed
                     text = pattern.sub(lay, text, count=1)
                     swapped = True
                     break
-            if not swapped or r.random() < 0.5:
+            if not swapped or text == row[field] or r.random() < 0.5:
                 text = r.choice(_FRAMES).format(q=text[0].upper() + text[1:])
             new = dict(row, id=f"{row['id']}.aug{k + 1}", augmented=True, augmented_from=row["id"])
             new[field] = text

@@ -3,7 +3,6 @@ it with a drop report, split it by hashed group, augment the training split, che
 and save each set as a Hugging Face dataset plus JSONL."""
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,14 +33,6 @@ class CourseData:
 
     def total(self, name: str) -> int:
         return sum(len(r) for r in self.sets[name].values())
-
-
-def kb_fingerprint(kb: KnowledgeBase) -> str:
-    h = hashlib.sha256()
-    for f in sorted(Path(kb.source).glob("*.yaml")):
-        h.update(f.name.encode())
-        h.update(f.read_bytes())
-    return h.hexdigest()[:12]
 
 
 def build(kb: KnowledgeBase, seed: int = 0, augment_factor: int = 2) -> CourseData:
@@ -99,7 +90,7 @@ def build(kb: KnowledgeBase, seed: int = 0, augment_factor: int = 2) -> CourseDa
 
     sets = {"passages": {"all": p_clean.kept}, "qa": qa_splits, "mcq": mcq_splits, "cot": cot_splits,
             "pref_pairs": pref_splits, "triage": tri_splits, "dialogues": {"test": dialogues}}
-    version = f"v{VERSION}-{kb_fingerprint(kb)}-s{seed}"
+    version = f"v{VERSION}-{kb.fingerprint}-s{seed}"
     clusters = sum(len(c.clusters) for c in (p_clean, qa_clean, mcq_clean, cot_clean, pref_clean, tri_clean))
     return CourseData(sets, dropped, leaks, clusters, version)
 

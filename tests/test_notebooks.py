@@ -1,0 +1,71 @@
+"""Notebook conventions, and the course itself run end to end on the tiny profile."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+from medkit import nbtools
+
+NOTEBOOKS = sorted((REPO / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+
+
+def test_there_are_course_notebooks():
+    assert NOTEBOOKS, "no notebooks/NN_*.ipynb"
+
+
+@pytest.mark.parametrize("nb", NOTEBOOKS, ids=lambda p: p.stem)
+def test_committed_notebook_follows_the_conventions(nb):
+    assert nbtools.check(nb) == []
+
+
+def test_checker_catches_outputs_and_a_missing_parameters_cell(tmp_path):
+    path = nbtools.build([("md", "# T\n\nlearn\n\n| a |\n|---|"), ("code", nbtools.ENV_CELL),
+                          ("code", "profile='tiny'"), ("code", "x = input('?')\nrecord(1)"), ("md", "next")],
+                         tmp_path / "t.ipynb")
+    nb = json.loads(path.read_text())
+    nb["cells"][1]["outputs"] = [{"output_type": "stream", "name": "stdout", "text": "hi"}]
+    nb["cells"][1]["execution_count"] = 1
+    path.write_text(json.dumps(nb))
+    problems = "\n".join(nbtools.check(path))
+    assert "has outputs" in problems and "execution count" in problems
+    assert "tagged `parameters`" in problems and "input()" in problems
+    assert nbtools.strip(path) and "has outputs" not in "\n".join(nbtools.check(path))
+
+
+@pytest.fixture(scope="module")
+def course_run(tmp_path_factory):
+    """`python -m medkit.run` over every committed notebook, tiny profile, private output root."""
+    root = tmp_path_factory.mktemp("course")
+    cmd = [sys.executable, "-m", "medkit.run", "--profile", "tiny", "--output-root", str(root), "--run-id", "ci"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3000,
+                          env=dict(os.environ, MEDKIT_OUTPUT_DIR=str(root)))
+    summary = json.loads((root / "runs" / "ci" / "summary.json").read_text())
+    return proc, summary, root
+
+
+@pytest.mark.slow
+def test_every_notebook_runs_on_the_tiny_profile(course_run):
+    proc, summary, _ = course_run
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert [nb["name"] for nb in summary["notebooks"]] == [p.stem for p in NOTEBOOKS]
+    assert all(nb["status"] == "ok" for nb in summary["notebooks"])
+
+
+def _metrics(summary, name):
+    return next(nb["metrics"] for nb in summary["notebooks"] if nb["name"] == name)
+
+
+@pytest.mark.slow
+def test_01_data_metrics(course_run):
+    _, summary, root = course_run
+    m = _metrics(summary, "01_data")
+    assert m["data.passages"] >= 300 and m["data.qa_train"] >= 600 and m["data.mcq"] >= 200
+    assert m["data.cot"] >= 200 and m["data.pref_pairs"] >= 400 and m["data.triage"] >= 300
+    assert m["data.dialogues"] >= 60 and m["data.qa_test"] > 0
+    assert m["data.leakage_pairs"] == 0
+    assert m["tiny_base.ppl_after"] < 0.1 * m["tiny_base.ppl_before"]
+    assert (root / "runs" / "ci" / "01_data" / "plots" / "lengths.png").exists()
+    assert (root / "runs" / "ci" / "01_data" / "drop_report" / "dropped.jsonl").exists()
