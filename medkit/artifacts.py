@@ -14,8 +14,12 @@ from . import paths
 # artifact name -> the notebook that produces it
 PRODUCERS = {
     "datasets": "01_data",
-    "tiny_bases": "01_data",
+    "tiny_qwen2": "01_data",
+    "tiny_phi": "01_data",
+    "tiny_llama": "01_data",
+    "tiny_t5": "01_data",
     "sft_model": "02_sft",
+    "sft_adapter": "02_sft",
     "t5_model": "02_sft",
     "dpo_model": "03_dpo",
     "qlora_model": "04_qlora_phi2",
@@ -70,7 +74,7 @@ def get(name: str, run_dir: str | Path | None = None, profile: str | None = None
         if profile and entry.get("profile") not in (None, profile):
             continue
         return Path(entry["path"])
-    producer = PRODUCERS.get(name, "the notebook that makes it")
-    raise MissingArtifact(
-        f"artifact {name!r} not found (looked in {len(candidates)} run folder(s) under "
-        f"{runs}). Run {producer} first, e.g. `python -m medkit.run --only {producer[:2]}`.")
+    producer = PRODUCERS.get(name)
+    hint = (f"Run {producer} first, e.g. `python -m medkit.run --only {producer[:2]}`." if producer
+            else "No course notebook is registered as making it; check the name.")
+    raise MissingArtifact(f"artifact {name!r} not found (looked in {len(candidates)} run folder(s) under {runs}). {hint}")

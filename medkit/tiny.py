@@ -25,7 +25,7 @@ from typing import Any, Iterable
 from . import paths
 
 FAMILIES = ("qwen2", "phi", "llama", "t5")
-BUILD_VERSION = "1"  # bump when the builder changes in a way that should invalidate caches
+BUILD_VERSION = "2"  # bump when the builder changes in a way that should invalidate caches
 
 # Special tokens of every family, in one shared vocabulary.
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<pad>", "</s>", "<unk>",
@@ -65,6 +65,11 @@ R1_TEMPLATE = (
     "{%- endif %}{%- endfor %}"
     "{%- if add_generation_prompt %}{{- '<｜Assistant｜><think>\\n' }}{%- endif %}"
 )
+
+# The token that separates documents in pre-training. Qwen ends documents with <|endoftext|> and
+# reserves <|im_end|> for chat turns, so a base model has never produced <|im_end|> until SFT
+# teaches it the template (which is what the template-compliance metric measures).
+DOC_SEPARATOR = {"qwen2": "<|endoftext|>", "phi": "<|endoftext|>", "llama": "<｜end▁of▁sentence｜>", "t5": "</s>"}
 
 _FAMILY_TOKENS = {
     # family: (bos, eos, pad, unk, chat template)
@@ -164,12 +169,12 @@ def split_texts(texts: list[str], eval_share: float = 0.05) -> tuple[list[str], 
     return train, held
 
 
-def _causal_blocks(tok, texts: list[str], seq_len: int):
+def _causal_blocks(tok, texts: list[str], seq_len: int, sep_id: int):
     import torch
 
     ids: list[int] = []
     for t in texts:
-        ids.extend(tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id])
+        ids.extend(tok(t, add_special_tokens=False)["input_ids"] + [sep_id])
     n = len(ids) // seq_len
     if n == 0:
         raise ValueError(f"corpus too small: {len(ids)} tokens < one block of {seq_len}")
@@ -199,7 +204,7 @@ def _seq2seq_pairs(tok, texts: list[str], seq_len: int):
 def _batches(family: str, tok, texts: list[str], seq_len: int):
     if family == "t5":
         return _seq2seq_pairs(tok, texts, seq_len)
-    blocks = _causal_blocks(tok, texts, seq_len)
+    blocks = _causal_blocks(tok, texts, seq_len, tok.convert_tokens_to_ids(DOC_SEPARATOR[family]))
     return blocks, blocks
 
 

@@ -78,3 +78,16 @@ def test_overrides_and_saved_config(tmp_path):
     path = config.save_config(cfg, tmp_path / "art")
     assert json.loads(path.read_text())["max_steps"] == 7
     assert path.name == "config.json"
+
+
+def test_model_references_point_at_things_that_exist():
+    from medkit import artifacts, tiny
+
+    for name in config.PROFILES:
+        for stage, s in config.PROFILES[name]["stages"].items():
+            ref = s.get("base_model", "")
+            if ref.startswith("tiny:"):
+                assert ref.split(":", 1)[1] in tiny.FAMILIES, f"{name}.{stage}: {ref}"
+                assert f"tiny_{ref.split(':', 1)[1]}" in artifacts.PRODUCERS
+            if ref.startswith("artifact:"):
+                assert ref.split(":", 1)[1] in artifacts.PRODUCERS, f"{name}.{stage}: {ref}"

@@ -124,3 +124,12 @@ def test_timeout_is_reported(tmp_path):
     r = _run(nbdir, tmp_path / "out", "--timeout", "15", "--run-id", "t")
     assert r.returncode == 1
     assert "timed out after 15 s" in r.stdout
+
+
+def test_missing_artifact_names_the_notebook_to_run(out_root):
+    from medkit import artifacts
+
+    with pytest.raises(artifacts.MissingArtifact, match=r"Run 02_sft first, e.g. `python -m medkit.run --only 02`"):
+        artifacts.get("sft_model")
+    with pytest.raises(artifacts.MissingArtifact, match="No course notebook is registered"):
+        artifacts.get("no_such_thing")

@@ -1,0 +1,143 @@
+"""What every training stage shares: loading a base model by profile reference, the chat
+prompt, training arguments by device, generation, and teacher-forced scoring."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+SYSTEM_PROMPT = "You are a careful medical information assistant. Answer briefly and specifically."
+
+
+def resolve_model_ref(ref: str, session=None) -> str:
+    """``tiny:<family>`` → the cached tiny base from 01_data; ``artifact:<name>`` → that
+    artifact; anything else is a hub id or a local folder."""
+    if ref.startswith("tiny:"):
+        if session is None:
+            raise ValueError(f"{ref}: a session is needed to find the tiny base built by 01_data")
+        return str(session.get(f"tiny_{ref.split(':', 1)[1]}"))
+    if ref.startswith("artifact:"):
+        if session is None:
+            raise ValueError(f"{ref}: a session is needed to find the artifact")
+        return str(session.get(ref.split(":", 1)[1]))
+    return ref
+
+
+def torch_dtype(name: str):
+    import torch
+
+    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
+
+
+def load_causal_lm(path: str, dtype: str = "float32", device: str = "cpu"):
+    """(model, tokenizer) with a pad token and a chat template, or a clear error naming the model."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    if not tok.chat_template:
+        raise ValueError(f"{path}: the tokenizer has no chat template; SFT and DPO format every example "
+                         f"with the model's own template. Use an instruct/chat model or set tokenizer.chat_template.")
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype))
+    model.to(device)
+    return model, tok
+
+
+def messages(question: str, system: str = SYSTEM_PROMPT) -> list[dict[str, str]]:
+    return [{"role": "system", "content": system}, {"role": "user", "content": question}]
+
+
+def precision_flags(dtype: str) -> dict[str, bool]:
+    """TrainingArguments precision flags for the resolved dtype (fp16 on a T4, bf16 where the
+    GPU has it, neither on the CPU)."""
+    return {"bf16": dtype == "bfloat16", "fp16": dtype == "float16"}
+
+
+def generate(model, tok, prompts: list[list[dict[str, str]]], max_new_tokens: int = 64,
+             batch_size: int = 16) -> list[dict[str, Any]]:
+    """Greedy answers to chat prompts. Each result has ``text`` (special tokens removed) and
+    ``stopped`` (the model ended its turn with the template's end token)."""
+    import torch
+
+    model.eval()
+    old_side = tok.padding_side
+    tok.padding_side = "left"
+    out = []
+    end_ids = {tok.eos_token_id}
+    try:
+        for i in range(0, len(prompts), batch_size):
+            texts = [tok.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
+                     for p in prompts[i: i + batch_size]]
+            enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+            with torch.no_grad():
+                gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                     pad_token_id=tok.pad_token_id, eos_token_id=list(end_ids))
+            for row in gen[:, enc["input_ids"].shape[1]:].tolist():
+                stopped = any(t in end_ids for t in row)
+                if stopped:
+                    row = row[: next(j for j, t in enumerate(row) if t in end_ids)]
+                out.append({"text": tok.decode(row, skip_special_tokens=True).strip(), "stopped": stopped,
+                            "raw": tok.decode(row, skip_special_tokens=False)})
+    finally:
+        tok.padding_side = old_side
+    return out
+
+
+def template_ok(result: dict[str, Any]) -> bool:
+    """The generation followed the chat template: it ended its turn with the end token, said
+    something, and did not start another role's turn."""
+    raw = result["raw"]
+    return result["stopped"] and bool(result["text"]) and not any(
+        marker in raw for marker in ("<|im_start|>", "<｜User｜>", "Instruct:", "<|endoftext|>"))
+
+
+def completion_scores(model, tok, prompts: list[list[dict[str, str]]], answers: list[str],
+                      batch_size: int = 16) -> dict[str, float]:
+    """Teacher-forced loss, perplexity and token accuracy on the answer tokens only."""
+    import torch
+
+    model.eval()
+    total_loss, total_tok, correct = 0.0, 0, 0
+    for i in range(0, len(prompts), batch_size):
+        ids, labels = [], []
+        for p, a in zip(prompts[i: i + batch_size], answers[i: i + batch_size]):
+            prompt = tok.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
+            full = tok.apply_chat_template(p + [{"role": "assistant", "content": a}], tokenize=False)
+            p_ids = tok(prompt, add_special_tokens=False)["input_ids"]
+            f_ids = tok(full, add_special_tokens=False)["input_ids"]
+            ids.append(f_ids)
+            labels.append([-100] * len(p_ids) + f_ids[len(p_ids):])
+        width = max(map(len, ids))
+        x = torch.tensor([r + [tok.pad_token_id] * (width - len(r)) for r in ids], device=model.device)
+        y = torch.tensor([r + [-100] * (width - len(r)) for r in labels], device=model.device)
+        attn = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in ids], device=model.device)
+        with torch.no_grad():
+            logits = model(input_ids=x, attention_mask=attn).logits[:, :-1].float()
+        target = y[:, 1:]
+        mask = target != -100
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
+                                                 ignore_index=-100, reduction="sum")
+        total_loss += float(loss)
+        total_tok += int(mask.sum())
+        correct += int(((logits.argmax(-1) == target) & mask).sum())
+    mean_loss = total_loss / max(total_tok, 1)
+    return {"loss": mean_loss, "perplexity": math.exp(min(mean_loss, 50)), "token_accuracy": correct / max(total_tok, 1)}
+
+
+def write_model_card(folder: str | Path, title: str, base: str, data: str, hyper: dict[str, Any],
+                     metrics: dict[str, Any], notes: str = "") -> Path:
+    from .. import NOT_MEDICAL_ADVICE
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = [f"# {title}", "", f"> {NOT_MEDICAL_ADVICE}", "", f"- **Base model:** `{base}`",
+             f"- **Data:** {data}", "", "## Hyperparameters", ""]
+    lines += [f"- `{k}`: {v}" for k, v in hyper.items()]
+    lines += ["", "## Held-out metrics", "", "| metric | value |", "| --- | --- |"]
+    lines += [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in metrics.items()]
+    if notes:
+        lines += ["", notes]
+    path = folder / "README.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path

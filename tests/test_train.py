@@ -1,0 +1,151 @@
+"""SFT and DPO helpers on a tiny model built here: the completion-only label mask, padding
+waste, interrupt-and-resume, the missing-template error, 2-process DDP, and DPO input checks."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+from medkit import config, kb as K, metrics, tiny
+from medkit.data import generate
+from medkit.train import common, dpo, sft
+
+SMALL = dict(config.PROFILES["tiny"]["tiny"], vocab_size=1024, pretrain_steps=30, pretrain_seq_len=64,
+             pretrain_batch=8, lr=5e-3)
+
+
+@pytest.fixture(scope="module")
+def kbase():
+    return K.load()
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory, kbase):
+    texts = [p["text"] for p in generate.passages(kbase)][:500]
+    return tiny.build_base("qwen2", texts, SMALL, seed=0, cache=tmp_path_factory.mktemp("tiny"), progress=False)
+
+
+@pytest.fixture(scope="module")
+def qa(kbase):
+    return generate.qa_pairs(kbase)[:64]
+
+
+def _cfg(**kw):
+    return config.resolve("tiny", "sft", max_steps=kw.pop("max_steps", 6), batch_size=4, seq_len=512, **kw)
+
+
+def test_label_mask_covers_the_completion_only(base, qa, tmp_path):
+    model, tok = common.load_causal_lm(str(base.path))
+    trainer = sft.make_trainer(model, tok, qa[:8], qa[8:12], _cfg(), tmp_path)
+    row = trainer.train_dataset[0]
+    labelled = [t for t, y in zip(row["input_ids"], row["labels"]) if y != -100]
+    prompt = tok.apply_chat_template(common.messages(qa[0]["question"]), tokenize=False, add_generation_prompt=True)
+    n_prompt = len(tok(prompt, add_special_tokens=False)["input_ids"])
+    assert all(y == -100 for y in row["labels"][:n_prompt])  # system + question + "assistant\n": never targets
+    assert tok.decode(labelled).startswith(qa[0]["answer"])
+    assert labelled[-1] == tok.convert_tokens_to_ids("<|im_end|>") or tok.decode(labelled[-2:]).startswith("<|im_end|>")
+
+
+def test_padding_waste_is_measured_and_grouping_reduces_it():
+    lengths = [10, 200, 12, 190, 15, 180, 11, 205] * 20
+    random_waste = sft.padding_waste(lengths, 8, grouped=False)
+    grouped_waste = sft.padding_waste(lengths, 8, grouped=True)
+    assert 0 < grouped_waste < random_waste < 1
+    assert sft.padding_waste([50] * 16, 4, grouped=False) == 0.0
+
+
+@pytest.mark.slow
+def test_interrupt_and_resume_from_checkpoint(base, qa, tmp_path):
+    from transformers import TrainerCallback
+
+    class Interrupt(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step == 5:
+                raise KeyboardInterrupt("simulated interruption after the step-4 checkpoint")
+
+    cfg = _cfg(max_steps=8)
+    model, tok = common.load_causal_lm(str(base.path))
+    trainer = sft.make_trainer(model, tok, qa, qa[:8], cfg, tmp_path, save_steps=4, eval_strategy="no",
+                               disable_tqdm=True)
+    trainer.add_callback(Interrupt())
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    assert (tmp_path / "checkpoint-4").is_dir() and not (tmp_path / "checkpoint-8").exists()
+    class Count(TrainerCallback):
+        steps: list = []
+
+        def on_step_end(self, args, state, control, **kw):
+            Count.steps.append(state.global_step)
+
+    model, tok = common.load_causal_lm(str(base.path))
+    resumed = sft.make_trainer(model, tok, qa, qa[:8], cfg, tmp_path, save_steps=4, eval_strategy="no",
+                               disable_tqdm=True)
+    resumed.add_callback(Count())
+    result = resumed.train(resume_from_checkpoint=True)
+    assert result.global_step == 8 and (tmp_path / "checkpoint-8").is_dir()
+    assert Count.steps == [5, 6, 7, 8]  # it continued after the checkpoint instead of starting over
+
+
+def test_missing_chat_template_names_the_model(base, tmp_path):
+    import shutil
+
+    folder = tmp_path / "no_template"
+    shutil.copytree(base.path, folder)
+    cfg = json.loads((folder / "tokenizer_config.json").read_text())
+    cfg.pop("chat_template", None)
+    (folder / "tokenizer_config.json").write_text(json.dumps(cfg))
+    (folder / "chat_template.jinja").unlink(missing_ok=True)
+    with pytest.raises(ValueError, match=r"no_template: the tokenizer has no chat template"):
+        common.load_causal_lm(str(folder))
+
+
+@pytest.mark.slow
+def test_two_process_ddp_on_cpu_ends_with_identical_weights(base, qa, tmp_path):
+    train_file = tmp_path / "qa.jsonl"
+    train_file.write_text("".join(json.dumps(r) + "\n" for r in qa))
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(REPO / "configs" / "accelerate" / "cpu_ddp_2proc.yaml"), "-m", "medkit.train.sft_cli",
+           "--base", str(base.path), "--train-file", str(train_file), "--max-steps", "4", "--batch-size", "4",
+           "--out", str(out), "--weights-report"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, MEDKIT_OUTPUT_DIR=str(tmp_path / "outputs"), OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    reports = sorted(out.glob("weights-rank*.txt"))
+    assert len(reports) == 2, proc.stderr[-2000:]
+    a, b = (r.read_text().split() for r in reports)
+    assert a[1:] == b[1:] == ["world=2", "steps=4"]
+    assert a[0] == b[0], "the two ranks ended with different weights"
+
+
+def test_preference_rows_are_checked_with_reasons(base):
+    _, tok = common.load_causal_lm(str(base.path))
+    rows = [{"id": "ok", "prompt": "What is asthma?", "chosen": "A chronic airway disease.", "rejected": "See a doctor."},
+            {"id": "same", "prompt": "Q?", "chosen": "x", "rejected": "x"},
+            {"id": "empty", "prompt": "Q?", "chosen": "", "rejected": "y"},
+            {"id": "long", "prompt": "word " * 400, "chosen": "a", "rejected": "b"}]
+    kept, skipped = dpo.validate_pairs(rows, tok, max_prompt_tokens=128)
+    assert [r["id"] for r in kept] == ["ok"]
+    assert {s["id"]: s["reason"] for s in skipped} == {"same": "chosen identical to rejected", "empty": "empty chosen",
+                                                      "long": "prompt over 128 tokens"}
+
+
+def test_generic_answer_detector():
+    for text in generate.GENERIC_NON_ANSWERS + ["Sorry, I am not a doctor. Please see your GP."]:
+        assert metrics.is_generic_non_answer(text), text
+    for text in ["Amoxicillin 500 mg every 8 hours for 5 days is the usual adult dose; see your GP if it lasts a week.",
+                 "Common symptoms of asthma include wheeze, cough and a tight chest.", "", "Rest and fluids."]:
+        assert not metrics.is_generic_non_answer(text), text
+
+
+def test_preference_accuracy_by_kind(base):
+    model, tok = common.load_causal_lm(str(base.path))
+    rows = [{"prompt": "What is asthma?", "chosen": "A chronic airway disease.", "rejected": "x" * 50, "rejected_kind": "verbose"},
+            {"prompt": "What is gout?", "chosen": "x" * 50, "rejected": "A type of arthritis.", "rejected_kind": "generic"}]
+    acc = dpo.preference_accuracy(model, tok, rows)
+    assert acc["n"] == 2 and set(acc["by_kind"]) == {"verbose", "generic"}
+    assert acc["by_kind"]["verbose"] == 1.0 and acc["by_kind"]["generic"] == 0.0  # long junk is less likely
+    same = dpo.preference_accuracy(model, tok, rows, ref_model=model)
+    assert same["overall"] == 0.0 and abs(same["mean_margin"]) < 1e-6  # π = π_ref: every margin is 0
