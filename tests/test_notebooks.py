@@ -69,3 +69,27 @@ def test_01_data_metrics(course_run):
     assert m["tiny_base.ppl_after"] < 0.1 * m["tiny_base.ppl_before"]
     assert (root / "runs" / "ci" / "01_data" / "plots" / "lengths.png").exists()
     assert (root / "runs" / "ci" / "01_data" / "drop_report" / "dropped.jsonl").exists()
+
+
+@pytest.mark.slow
+def test_02_sft_changes_the_model_on_held_out_data(course_run):
+    _, summary, root = course_run
+    m = _metrics(summary, "02_sft")
+    assert m["sft.eval_loss_after"] < 0.9 * m["sft.eval_loss_before"]
+    assert m["sft.template_ok_rate"] > m["sft.template_ok_before"] + 0.3
+    assert m["sft.rougeL_after"] > m["sft.rougeL_before"]
+    assert m["sft.padding_waste"] < m["sft.padding_waste_random"]
+    assert m["t5.eval_loss"] < m["t5.eval_loss_before"]
+    merged = root / "runs" / "ci" / "02_sft" / "model" / "merged"
+    assert (merged / "README.md").exists() and (merged / "medkit_config.json").exists()
+    assert (root / "runs" / "ci" / "02_sft" / "model" / "adapter" / "adapter_config.json").exists()
+
+
+@pytest.mark.slow
+def test_03_dpo_moves_preferences(course_run):
+    _, summary, _ = course_run
+    m = _metrics(summary, "03_dpo")
+    assert m["dpo.pref_acc_before"] == 0.0  # policy == reference before training: every margin is 0
+    assert m["dpo.pref_acc_after"] >= 0.9
+    assert m["dpo.loglik_pref_after"] > m["dpo.loglik_pref_before"]
+    assert m["dpo.loglik_pref_unsafe_after"] > m["dpo.loglik_pref_unsafe_before"]

@@ -44,7 +44,7 @@ def make_trainer(model, tok, train_rows, eval_rows, cfg: dict[str, Any], out_dir
     args = dict(output_dir=str(out_dir), max_steps=steps, per_device_train_batch_size=cfg["batch_size"],
                 per_device_eval_batch_size=cfg["batch_size"], gradient_accumulation_steps=cfg.get("grad_accum", 1),
                 learning_rate=cfg["lr"], lr_scheduler_type="cosine", warmup_steps=max(1, steps // 20),
-                logging_steps=max(1, steps // 30), eval_strategy="steps", eval_steps=max(10, steps // 5),
+                logging_steps=max(1, steps // 30), eval_strategy="steps", eval_steps=max(10, steps // 2),
                 save_strategy="no", beta=cfg["beta"], loss_type=[cfg["loss_type"]], max_length=cfg["seq_len"],
                 report_to="none", seed=cfg.get("seed", 0), use_cpu=cfg["device"] == "cpu",
                 dataloader_num_workers=0, **precision_flags(cfg["dtype"]))
@@ -102,3 +102,40 @@ def preference_accuracy(model, tok, rows: list[dict[str, Any]], ref_model=None, 
     return {"overall": sum(wins) / max(len(wins), 1),
             "by_kind": {k: sum(v) / len(v) for k, v in sorted(by_kind.items())},
             "mean_margin": sum(margins) / max(len(margins), 1), "n": len(rows)}
+
+
+def implicit_reward_accuracy(peft_model, tok, rows: list[dict[str, Any]], beta: float) -> dict[str, Any]:
+    """DPO's own measure on held-out pairs: the share whose implicit reward margin
+    β·[(log π(c) − log π_ref(c)) − (log π(r) − log π_ref(r))] is > 0, where π_ref is the same
+    model with its LoRA adapter switched off (the SFT model DPO started from)."""
+    prompts = [r["prompt"] for r in rows]
+    pc = completion_logps(peft_model, tok, prompts, [r["chosen"] for r in rows])
+    pr = completion_logps(peft_model, tok, prompts, [r["rejected"] for r in rows])
+    with peft_model.disable_adapter():
+        rc = completion_logps(peft_model, tok, prompts, [r["chosen"] for r in rows])
+        rr = completion_logps(peft_model, tok, prompts, [r["rejected"] for r in rows])
+    margins = [beta * ((a - b) - (c - d)) for a, b, c, d in zip(pc, rc, pr, rr)]
+    by_kind: dict[str, list[bool]] = {}
+    for r, m in zip(rows, margins):
+        by_kind.setdefault(r["rejected_kind"], []).append(m > 0)
+    return {"overall": sum(m > 0 for m in margins) / max(len(margins), 1),
+            "by_kind": {k: sum(v) / len(v) for k, v in sorted(by_kind.items())},
+            "mean_margin": sum(margins) / max(len(margins), 1), "n": len(rows)}
+
+
+def balanced(rows: list[dict[str, Any]], per_kind: int) -> list[dict[str, Any]]:
+    """Up to ``per_kind`` rows of each rejected kind, in their original order."""
+    seen: dict[str, int] = {}
+    out = []
+    for r in rows:
+        if seen.get(r["rejected_kind"], 0) < per_kind:
+            seen[r["rejected_kind"]] = seen.get(r["rejected_kind"], 0) + 1
+            out.append(r)
+    return out
+
+
+def reward_curves(trainer) -> dict[str, list[tuple[int, float]]]:
+    hist = trainer.state.log_history
+    keys = {"train margin": "rewards/margins", "train accuracy": "rewards/accuracies",
+            "eval margin": "eval_rewards/margins", "eval accuracy": "eval_rewards/accuracies"}
+    return {name: [(h["step"], float(h[k])) for h in hist if k in h] for name, k in keys.items()}
