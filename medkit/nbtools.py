@@ -2,6 +2,7 @@
 
     python -m medkit.nbtools check notebooks/*.ipynb   # exit 1 and list problems
     python -m medkit.nbtools strip notebooks/*.ipynb   # drop outputs and execution counts
+    python -m medkit.nbtools new 04_qlora_phi2 "QLoRA on Phi"   # a new notebook from the template
 """
 from __future__ import annotations
 
@@ -129,8 +130,35 @@ def params_cell(**extra: str) -> str:
     return "\n".join(lines)
 
 
+def template(name: str, title: str) -> list[tuple]:
+    """The cells of a new course notebook that already follows every convention."""
+    return [
+        ("md", f"# {name[:2]} · {title}\n\nOne paragraph: what this step does and why.\n\n"
+               "**What you will learn**\n- …\n\n"
+               "| profile | what runs | time | memory |\n| --- | --- | --- | --- |\n"
+               "| `tiny` (2-core CPU) | … | measure it | measure it |\n"
+               "| `colab-t4` | … | … | … |\n| `gpu-24gb` | … | … | … |\n"),
+        ("code", COLAB_CELL),
+        ("code", ENV_CELL),
+        ("code", params_cell(), ["parameters"]),
+        ("code", f'session = notebook.start("{name}", profile, seed, output_dir)\ncfg = session.cfg'),
+        ("md", "## 1. The first step\nExplain, then call `medkit`."),
+        ("code", "result = {}  # replace with medkit.<stage>.<verb>(...)"),
+        ("code", 'session.record({"example.metric": len(result)})'),
+        ("md", "## What to try next\n- …"),
+    ]
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if len(argv) == 3 and argv[0] == "new":
+        path = Path("notebooks") / f"{argv[1]}.ipynb"
+        if path.exists():
+            print(f"{path} exists")
+            return 1
+        build(template(argv[1], argv[2]), path)
+        print(f"wrote {path}")
+        return 0
     if len(argv) < 2 or argv[0] not in ("check", "strip"):
         print(__doc__)
         return 2

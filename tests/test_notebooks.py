@@ -21,6 +21,11 @@ def test_committed_notebook_follows_the_conventions(nb):
     assert nbtools.check(nb) == []
 
 
+def test_the_template_follows_the_conventions(tmp_path):
+    path = nbtools.build(nbtools.template("99_example", "Example"), tmp_path / "99_example.ipynb")
+    assert nbtools.check(path) == []
+
+
 def test_checker_catches_outputs_and_a_missing_parameters_cell(tmp_path):
     path = nbtools.build([("md", "# T\n\nlearn\n\n| a |\n|---|"), ("code", nbtools.ENV_CELL),
                           ("code", "profile='tiny'"), ("code", "x = input('?')\nrecord(1)"), ("md", "next")],
