@@ -38,7 +38,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         },
         "stages": {
             "data": {"source": "course", "augment_factor": 2},
-            "sft": {"base_model": "tiny:qwen2", "dataset": "course:qa", "max_steps": 300,
+            "sft": {"base_model": "tiny:qwen2", "dataset": "course:qa", "max_steps": 260,
                     "batch_size": 16, "seq_len": 256, "lr": 3e-3,
                     # a 2-layer model keeps most of its capacity in the MLPs: adapt every linear layer
                     "lora": {"r": 64, "alpha": 128, "dropout": 0.05, "target_modules": _LLAMA_ALL}},
