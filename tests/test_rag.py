@@ -1,0 +1,76 @@
+"""Retrieval building blocks (the 06_rag notebook is still to come: issue #6)."""
+import pytest
+
+from medkit import kb as K
+from medkit.data import generate
+from medkit.rag import dense, fusion, metrics, pipeline, query, sparse, text
+
+
+def test_tokenizer_keeps_drug_names_doses_and_codes():
+    toks = text.tokenize("Co-amoxiclav 500 mg for the I21.9 MI; vitamin B12 and 5.5 cm aneurysm?")
+    assert {"co-amoxiclav", "500mg", "i21.9", "b12", "5.5", "aneurysm"} <= set(toks)
+    assert "the" not in toks and "for" not in toks
+
+
+def test_chunks_keep_stable_ids_and_metadata():
+    passages = [{"id": "p1", "text": "short text", "source": "kb"}, {"id": "p2", "text": " ".join(f"w{i}" for i in range(250))}]
+    chunks = text.chunk(passages, max_words=100, overlap=20)
+    assert [c["id"] for c in chunks] == ["p1", "p2#0", "p2#1", "p2#2"]
+    assert chunks[0]["source"] == "kb" and all(c["source_id"] == "p2" for c in chunks[1:])
+    assert text.chunk(passages, max_words=100, overlap=20) == chunks
+    with pytest.raises(ValueError, match="has no `text`"):
+        text.chunk([{"id": "x", "text": ""}])
+
+
+def test_reciprocal_rank_and_weighted_fusion():
+    a = [("d1", 9.0), ("d2", 5.0), ("d3", 1.0)]
+    b = [("d3", 0.9), ("d1", 0.8), ("d4", 0.1)]
+    rrf = fusion.reciprocal_rank_fusion([a, b], k=60)
+    assert rrf[0][0] == "d1" and {d for d, _ in rrf} == {"d1", "d2", "d3", "d4"}
+    assert abs(rrf[0][1] - (1 / 61 + 1 / 62)) < 1e-12
+    w = fusion.weighted_score_fusion([a, b], [0.0, 1.0])
+    assert [d for d, _ in w][:2] == ["d3", "d1"]
+
+
+def test_retrieval_metrics():
+    assert metrics.recall_at(["a", "b", "c"], {"c"}, 2) == 0.0 and metrics.recall_at(["a", "b", "c"], {"c"}, 3) == 1.0
+    assert metrics.mrr_at(["a", "b", "c"], {"b"}) == 0.5
+    assert abs(metrics.ndcg_at(["a", "b"], {"b"}) - 1 / 1.584962500721156) < 1e-9
+    s = metrics.summarize([(["x", "y"], {"y"}), (["z"], {"q"})])
+    assert s["recall@5"] == 0.5 and s["queries"] == 2
+
+
+@pytest.fixture(scope="module")
+def analyzer():
+    return query.QueryAnalyzer(K.load())
+
+
+def test_query_rewriting_and_ner(analyzer):
+    assert "(hypertension)" in analyzer.rewrite("what helps with high blood").lower()
+    ents = analyzer.entities("I take a water pill and have had chest pain for 3 days, my tummy hurts")
+    assert "chest pain" in ents["symptom"] and ents["duration"] == ["for 3 days"]
+    assert "abdomen" in [e.lower() for e in ents["body_part"]]
+    assert analyzer.rewrite("asthma") == "asthma"  # nothing lay to expand
+
+
+@pytest.fixture(scope="module")
+def small_index(tmp_path_factory):
+    passages = generate.passages(K.load())
+    chunks = text.chunk([p for p in passages if p["ref"] in ("asthma", "gout", "amoxicillin", "type_2_diabetes")])
+    enc = dense.load_encoder()
+    client = dense.chroma_client(tmp_path_factory.mktemp("chroma"))
+    return chunks, sparse.BM25Index(chunks), dense.DenseIndex(chunks, enc, client)
+
+
+def test_bm25_dense_and_hybrid_find_the_passage(small_index, analyzer):
+    chunks, bm25, dn = small_index
+    assert "drug.amoxicillin.dose" in [d for d, _ in bm25.search("usual adult dose of amoxicillin", 3)]
+    assert dn.search("How much amoxicillin can an adult take?", 3)[0][0] == "drug.amoxicillin.dose"
+    h = pipeline.HybridRetriever(bm25, dn, rewrite=analyzer.enrich)
+    top = [d for d, _ in h.search("what are the signs of sugar diabetes?", 5)]
+    assert any(d.startswith("cond.type_2_diabetes") for d in top)
+    assert set(h.timings) >= {"rewrite", "bm25", "dense", "fusion"}
+    with pytest.raises(ValueError, match="empty query"):
+        h.search("   ")
+    with pytest.raises(ValueError, match="over the 2000-character limit"):
+        h.search("x" * 2001)
