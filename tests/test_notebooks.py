@@ -98,3 +98,13 @@ def test_03_dpo_moves_preferences(course_run):
     assert m["dpo.pref_acc_after"] >= 0.9
     assert m["dpo.loglik_pref_after"] > m["dpo.loglik_pref_before"]
     assert m["dpo.loglik_pref_unsafe_after"] > m["dpo.loglik_pref_unsafe_before"]
+
+
+@pytest.mark.slow
+def test_06_rag_retrieval_is_measured(course_run):
+    _, summary, root = course_run
+    m = _metrics(summary, "06_rag")
+    assert m["rag.recall5_hybrid"] >= max(m["rag.recall5_bm25"], m["rag.recall5_dense"]) - 0.01
+    assert m["rag.recall5_bm25"] > 0.5 and m["rag.recall5_dense"] > 0.5
+    assert m["rag.query_p95_ms"] > 0 and m["rag.build_docs_per_s"] > 0
+    assert (root / "runs" / "ci" / "06_rag" / "chroma").is_dir()
