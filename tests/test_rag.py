@@ -74,3 +74,23 @@ def test_bm25_dense_and_hybrid_find_the_passage(small_index, analyzer):
         h.search("   ")
     with pytest.raises(ValueError, match="over the 2000-character limit"):
         h.search("x" * 2001)
+
+
+def test_evaluate_cli_prints_json_for_a_medquad_schema_file(tmp_path, capsys):
+    import json
+
+    from medkit.rag.__main__ import main
+
+    rows = [{"id": f"q{i}", "question": f"What is {name}?", "answer": ans} for i, (name, ans) in enumerate([
+        ("asthma", "Asthma is a long-term condition of the airways causing wheeze and breathlessness."),
+        ("gout", "Gout is an inflammatory arthritis caused by urate crystals, often in the big toe."),
+        ("anaemia", "Anaemia means too few red blood cells or too little haemoglobin, causing tiredness."),
+        ("migraine", "Migraine is a recurrent headache disorder, often one-sided, with nausea and light sensitivity.")])]
+    f = tmp_path / "mq.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"id": "bad", "question": "no answer"}\n')
+    assert main(["evaluate", "--data", str(f)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["rows"] == 4 and out["dropped"] == {"missing field `answer`": 1}
+    by = {r["retriever"]: r for r in out["results"]}
+    assert set(by) == {"bm25", "dense", "hybrid", "hybrid (RRF)"}
+    assert by["dense"]["recall@1"] == 1.0 and by["hybrid"]["queries"] == 4
