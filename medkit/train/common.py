@@ -92,36 +92,52 @@ def template_ok(result: dict[str, Any]) -> bool:
         marker in raw for marker in ("<|im_start|>", "<｜User｜>", "Instruct:", "<|endoftext|>"))
 
 
+def encode_completions(tok, prompts: list[list[dict[str, str]]], completions: list[str], device="cpu"):
+    """Chat-format each (prompt, completion) pair and pad them into one batch. Returns
+    ``(input_ids, attention_mask, labels)`` where ``labels`` is -100 on the prompt and padding,
+    so only the completion (the assistant turn and its end token) is scored."""
+    import torch
+
+    ids, labels = [], []
+    for p, c in zip(prompts, completions):
+        head = tok(tok.apply_chat_template(p, tokenize=False, add_generation_prompt=True),
+                   add_special_tokens=False)["input_ids"]
+        full = tok(tok.apply_chat_template(p + [{"role": "assistant", "content": c}], tokenize=False),
+                   add_special_tokens=False)["input_ids"]
+        ids.append(full)
+        labels.append([-100] * len(head) + full[len(head):])
+    width = max(map(len, ids))
+    x = torch.tensor([r + [tok.pad_token_id] * (width - len(r)) for r in ids], device=device)
+    attn = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in ids], device=device)
+    y = torch.tensor([r + [-100] * (width - len(r)) for r in labels], device=device)
+    return x, attn, y
+
+
+def token_logprobs(model, tok, prompts: list[list[dict[str, str]]], completions: list[str]):
+    """Per-token log-probabilities of the completions (0 where not scored), the mask of scored
+    positions, and whether the model's top guess was right at each of them."""
+    import torch
+
+    x, attn, y = encode_completions(tok, prompts, completions, model.device)
+    with torch.no_grad():
+        logits = model(input_ids=x, attention_mask=attn).logits[:, :-1].float()
+    target = y[:, 1:]
+    mask = target != -100
+    logp = torch.log_softmax(logits, -1).gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return logp * mask, mask, (logits.argmax(-1) == target) & mask
+
+
 def completion_scores(model, tok, prompts: list[list[dict[str, str]]], answers: list[str],
                       batch_size: int = 16) -> dict[str, float]:
     """Teacher-forced loss, perplexity and token accuracy on the answer tokens only."""
-    import torch
-
     model.eval()
-    total_loss, total_tok, correct = 0.0, 0, 0
+    total_logp, total_tok, correct = 0.0, 0, 0
     for i in range(0, len(prompts), batch_size):
-        ids, labels = [], []
-        for p, a in zip(prompts[i: i + batch_size], answers[i: i + batch_size]):
-            prompt = tok.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
-            full = tok.apply_chat_template(p + [{"role": "assistant", "content": a}], tokenize=False)
-            p_ids = tok(prompt, add_special_tokens=False)["input_ids"]
-            f_ids = tok(full, add_special_tokens=False)["input_ids"]
-            ids.append(f_ids)
-            labels.append([-100] * len(p_ids) + f_ids[len(p_ids):])
-        width = max(map(len, ids))
-        x = torch.tensor([r + [tok.pad_token_id] * (width - len(r)) for r in ids], device=model.device)
-        y = torch.tensor([r + [-100] * (width - len(r)) for r in labels], device=model.device)
-        attn = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in ids], device=model.device)
-        with torch.no_grad():
-            logits = model(input_ids=x, attention_mask=attn).logits[:, :-1].float()
-        target = y[:, 1:]
-        mask = target != -100
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
-                                                 ignore_index=-100, reduction="sum")
-        total_loss += float(loss)
+        logp, mask, right = token_logprobs(model, tok, prompts[i: i + batch_size], answers[i: i + batch_size])
+        total_logp += float(logp.sum())
         total_tok += int(mask.sum())
-        correct += int(((logits.argmax(-1) == target) & mask).sum())
-    mean_loss = total_loss / max(total_tok, 1)
+        correct += int(right.sum())
+    mean_loss = -total_logp / max(total_tok, 1)
     return {"loss": mean_loss, "perplexity": math.exp(min(mean_loss, 50)), "token_accuracy": correct / max(total_tok, 1)}
 
 

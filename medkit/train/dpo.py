@@ -55,28 +55,14 @@ def make_trainer(model, tok, train_rows, eval_rows, cfg: dict[str, Any], out_dir
 
 def completion_logps(model, tok, prompts: list[str], completions: list[str], batch_size: int = 16) -> list[float]:
     """Sum of log-probabilities of each completion given its chat prompt (what DPO compares)."""
-    import torch
+    from .common import token_logprobs
 
     model.eval()
     out: list[float] = []
     for i in range(0, len(prompts), batch_size):
-        ids, starts = [], []
-        for p, c in zip(prompts[i: i + batch_size], completions[i: i + batch_size]):
-            msgs = messages(p)
-            head = tok(tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True),
-                       add_special_tokens=False)["input_ids"]
-            full = tok(tok.apply_chat_template(msgs + [{"role": "assistant", "content": c}], tokenize=False),
-                       add_special_tokens=False)["input_ids"]
-            ids.append(full)
-            starts.append(len(head))
-        width = max(map(len, ids))
-        x = torch.tensor([r + [tok.pad_token_id] * (width - len(r)) for r in ids], device=model.device)
-        attn = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in ids], device=model.device)
-        with torch.no_grad():
-            logp = torch.log_softmax(model(input_ids=x, attention_mask=attn).logits[:, :-1].float(), -1)
-        tok_lp = logp.gather(-1, x[:, 1:].unsqueeze(-1)).squeeze(-1)
-        for j, (r, s) in enumerate(zip(ids, starts)):
-            out.append(float(tok_lp[j, s - 1: len(r) - 1].sum()))
+        logp, _, _ = token_logprobs(model, tok, [messages(p) for p in prompts[i: i + batch_size]],
+                                    completions[i: i + batch_size])
+        out += logp.sum(-1).tolist()
     return out
 
 
