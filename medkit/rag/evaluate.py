@@ -28,13 +28,9 @@ def relevant_passage(row: dict[str, Any], kb: KnowledgeBase) -> set[str]:
     return {f"{kind}.{row['topic']}.{SECTION_OF[row['qtype']]}"}
 
 
-# Weighted fusion leaning on the dense scores beat RRF on both the course questions and MedQuAD
-# in 06_rag (recall@5 0.979 vs 0.953 on the course questions); RRF stays available for comparison.
-DEFAULT_FUSION, DEFAULT_WEIGHTS = "weighted", (0.3, 0.7)
-
-
 def build(chunks: list[dict[str, Any]], encoder, client, analyzer: query.QueryAnalyzer | None = None,
-          fusion: str = DEFAULT_FUSION, weights: tuple[float, float] = DEFAULT_WEIGHTS) -> tuple[pipeline.HybridRetriever, dict]:
+          fusion: str = pipeline.DEFAULT_FUSION,
+          weights: tuple[float, float] = pipeline.DEFAULT_WEIGHTS) -> tuple[pipeline.HybridRetriever, dict]:
     """Index ``chunks`` with BM25 and dense; returns the retriever and build timings."""
     t = time.perf_counter()
     bm25 = sparse.BM25Index(chunks)

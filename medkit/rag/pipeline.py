@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -9,6 +10,9 @@ from .fusion import reciprocal_rank_fusion, weighted_score_fusion
 from .sparse import BM25Index
 
 MAX_QUERY_CHARS = 2000
+# Weighted fusion leaning on the dense scores beat RRF on the course questions and on MedQuAD in
+# 06_rag (recall@5 0.979 vs 0.953 on the course questions); RRF stays available for comparison.
+DEFAULT_FUSION, DEFAULT_WEIGHTS = "weighted", (0.3, 0.7)
 
 
 @dataclass
@@ -16,11 +20,14 @@ class HybridRetriever:
     bm25: BM25Index
     dense: Any  # DenseIndex (or anything with .search(query, k))
     rewrite: Callable[[str], str] | None = None
-    fusion: str = "rrf"  # rrf | weighted
-    weights: tuple[float, float] = (0.5, 0.5)
+    fusion: str = DEFAULT_FUSION  # weighted | rrf
+    weights: tuple[float, float] = DEFAULT_WEIGHTS
     timings: dict[str, list[float]] = field(default_factory=dict)
 
-    def _t(self, stage: str, start: float) -> None:
+    @contextmanager
+    def _timed(self, stage: str):
+        start = time.perf_counter()
+        yield
         self.timings.setdefault(stage, []).append((time.perf_counter() - start) * 1000)
 
     def search(self, query: str, k: int = 10, mode: str = "hybrid", use_rewrite: bool = True) -> list[tuple[str, float]]:
@@ -29,27 +36,16 @@ class HybridRetriever:
             raise ValueError("empty query")
         if len(query) > MAX_QUERY_CHARS:
             raise ValueError(f"query of {len(query)} characters is over the {MAX_QUERY_CHARS}-character limit")
-        t = time.perf_counter()
-        q = self.rewrite(query) if (use_rewrite and self.rewrite) else query
-        self._t("rewrite", t)
-        if mode == "bm25":
-            t = time.perf_counter()
-            out = self.bm25.search(q, k)
-            self._t("bm25", t)
-            return out
-        if mode == "dense":
-            t = time.perf_counter()
-            out = self.dense.search(q, k)
-            self._t("dense", t)
-            return out
-        t = time.perf_counter()
-        sparse = self.bm25.search(q, k)
-        self._t("bm25", t)
-        t = time.perf_counter()
-        dense = self.dense.search(q, k)
-        self._t("dense", t)
-        t = time.perf_counter()
-        fused = (reciprocal_rank_fusion([sparse, dense], top=k) if self.fusion == "rrf"
-                 else weighted_score_fusion([sparse, dense], list(self.weights), top=k))
-        self._t("fusion", t)
-        return fused
+        with self._timed("rewrite"):
+            q = self.rewrite(query) if (use_rewrite and self.rewrite) else query
+        rankings = []
+        for stage, index in (("bm25", self.bm25), ("dense", self.dense)):
+            if mode in (stage, "hybrid"):
+                with self._timed(stage):
+                    rankings.append(index.search(q, k))
+        if mode != "hybrid":
+            return rankings[0]
+        with self._timed("fusion"):
+            if self.fusion == "rrf":
+                return reciprocal_rank_fusion(rankings, top=k)
+            return weighted_score_fusion(rankings, list(self.weights), top=k)

@@ -2,9 +2,10 @@
 prompt, training arguments by device, generation, and teacher-forced scoring."""
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
+
+from ..metrics import perplexity
 
 SYSTEM_PROMPT = "You are a careful medical information assistant. Answer briefly and specifically."
 
@@ -138,7 +139,7 @@ def completion_scores(model, tok, prompts: list[list[dict[str, str]]], answers: 
         total_tok += int(mask.sum())
         correct += int(right.sum())
     mean_loss = -total_logp / max(total_tok, 1)
-    return {"loss": mean_loss, "perplexity": math.exp(min(mean_loss, 50)), "token_accuracy": correct / max(total_tok, 1)}
+    return {"loss": mean_loss, "perplexity": perplexity(mean_loss), "token_accuracy": correct / max(total_tok, 1)}
 
 
 def write_model_card(folder: str | Path, title: str, base: str, data: str, hyper: dict[str, Any],

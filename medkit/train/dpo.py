@@ -66,47 +66,50 @@ def completion_logps(model, tok, prompts: list[str], completions: list[str], bat
     return out
 
 
-def preference_accuracy(model, tok, rows: list[dict[str, Any]], ref_model=None, beta: float = 0.1) -> dict[str, Any]:
-    """Share of pairs the model prefers the chosen answer, overall and per rejected kind.
-
-    With ``ref_model`` the comparison is DPO's implicit reward margin,
-    β·[(log π(c) − log π_ref(c)) − (log π(r) − log π_ref(r))] > 0; without it, the model's own
-    sequence log-likelihood (log π(c) > log π(r))."""
+def _pair_logps(model, tok, rows: list[dict[str, Any]]) -> tuple[list[float], list[float]]:
     prompts = [r["prompt"] for r in rows]
-    c = completion_logps(model, tok, prompts, [r["chosen"] for r in rows])
-    rj = completion_logps(model, tok, prompts, [r["rejected"] for r in rows])
-    if ref_model is not None:
-        rc = completion_logps(ref_model, tok, prompts, [r["chosen"] for r in rows])
-        rr = completion_logps(ref_model, tok, prompts, [r["rejected"] for r in rows])
-        margins = [beta * ((a - b) - (d - e)) for a, b, d, e in zip(c, rc, rj, rr)]
-    else:
-        margins = [a - d for a, d in zip(c, rj)]
-    wins = [m > 0 for m in margins]
-    by_kind: dict[str, list[bool]] = {}
-    for r, w in zip(rows, wins):
-        by_kind.setdefault(r["rejected_kind"], []).append(w)
-    return {"overall": sum(wins) / max(len(wins), 1),
-            "by_kind": {k: sum(v) / len(v) for k, v in sorted(by_kind.items())},
-            "mean_margin": sum(margins) / max(len(margins), 1), "n": len(rows)}
+    return (completion_logps(model, tok, prompts, [r["chosen"] for r in rows]),
+            completion_logps(model, tok, prompts, [r["rejected"] for r in rows]))
 
 
-def implicit_reward_accuracy(peft_model, tok, rows: list[dict[str, Any]], beta: float) -> dict[str, Any]:
-    """DPO's own measure on held-out pairs: the share whose implicit reward margin
-    β·[(log π(c) − log π_ref(c)) − (log π(r) − log π_ref(r))] is > 0, where π_ref is the same
-    model with its LoRA adapter switched off (the SFT model DPO started from)."""
-    prompts = [r["prompt"] for r in rows]
-    pc = completion_logps(peft_model, tok, prompts, [r["chosen"] for r in rows])
-    pr = completion_logps(peft_model, tok, prompts, [r["rejected"] for r in rows])
-    with peft_model.disable_adapter():
-        rc = completion_logps(peft_model, tok, prompts, [r["chosen"] for r in rows])
-        rr = completion_logps(peft_model, tok, prompts, [r["rejected"] for r in rows])
-    margins = [beta * ((a - b) - (c - d)) for a, b, c, d in zip(pc, rc, pr, rr)]
+def _summarise(rows: list[dict[str, Any]], margins: list[float]) -> dict[str, Any]:
+    """Share of margins > 0, overall and per rejected kind, with the mean margin."""
     by_kind: dict[str, list[bool]] = {}
     for r, m in zip(rows, margins):
         by_kind.setdefault(r["rejected_kind"], []).append(m > 0)
     return {"overall": sum(m > 0 for m in margins) / max(len(margins), 1),
             "by_kind": {k: sum(v) / len(v) for k, v in sorted(by_kind.items())},
             "mean_margin": sum(margins) / max(len(margins), 1), "n": len(rows)}
+
+
+def _reward_margins(policy: tuple[list[float], list[float]], ref: tuple[list[float], list[float]],
+                    beta: float) -> list[float]:
+    (pc, pr), (rc, rr) = policy, ref
+    return [beta * ((a - b) - (c - d)) for a, b, c, d in zip(pc, rc, pr, rr)]
+
+
+def preference_accuracy(model, tok, rows: list[dict[str, Any]], ref_model=None, beta: float = 0.1) -> dict[str, Any]:
+    """Share of pairs the model prefers the chosen answer, overall and per rejected kind.
+
+    With ``ref_model`` the comparison is DPO's implicit reward margin,
+    β·[(log π(c) − log π_ref(c)) − (log π(r) − log π_ref(r))] > 0; without it, the model's own
+    sequence log-likelihood (log π(c) > log π(r))."""
+    chosen, rejected = _pair_logps(model, tok, rows)
+    if ref_model is not None:
+        margins = _reward_margins((chosen, rejected), _pair_logps(ref_model, tok, rows), beta)
+    else:
+        margins = [a - d for a, d in zip(chosen, rejected)]
+    return _summarise(rows, margins)
+
+
+def implicit_reward_accuracy(peft_model, tok, rows: list[dict[str, Any]], beta: float) -> dict[str, Any]:
+    """DPO's own measure on held-out pairs: the share whose implicit reward margin
+    β·[(log π(c) − log π_ref(c)) − (log π(r) − log π_ref(r))] is > 0, where π_ref is the same
+    model with its LoRA adapter switched off (the SFT model DPO started from)."""
+    policy = _pair_logps(peft_model, tok, rows)
+    with peft_model.disable_adapter():
+        ref = _pair_logps(peft_model, tok, rows)
+    return _summarise(rows, _reward_margins(policy, ref, beta))
 
 
 def balanced(rows: list[dict[str, Any]], per_kind: int) -> list[dict[str, Any]]:

@@ -2,10 +2,10 @@
 flan-t5-small on GPU) with ``Seq2SeqTrainer`` and predict-with-generate."""
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
+from ..metrics import perplexity
 from .common import precision_flags
 
 
@@ -57,7 +57,7 @@ def scores(model, tok, rows: list[dict[str, Any]], batch_size: int = 32, max_len
         n_tok += k
         correct += int(((out.logits.argmax(-1).cpu() == lab) & mask).sum())
     loss = total / max(n_tok, 1)
-    return {"loss": loss, "perplexity": math.exp(min(loss, 50)), "token_accuracy": correct / max(n_tok, 1)}
+    return {"loss": loss, "perplexity": perplexity(loss), "token_accuracy": correct / max(n_tok, 1)}
 
 
 def generate(model, tok, questions: list[str], max_new_tokens: int = 64, batch_size: int = 32) -> list[str]:
