@@ -1,4 +1,5 @@
 """Retrieval building blocks (the 06_rag notebook is still to come: issue #6)."""
+import numpy as np
 import pytest
 
 from medkit import kb as K
@@ -177,3 +178,33 @@ def test_the_same_queries_through_a_chroma_server(small_index, tmp_path):
             assert [d for d, _ in remote.search(q, 5)] == [d for d, _ in embedded.search(q, 5)]
         proc = server.proc
     assert proc.poll() is not None  # stopped on exit, no orphan
+
+
+def test_query_adapter_reranker_learns_from_hard_negatives(small_index):
+    from medkit.rag import rerank
+
+    chunks, bm25, dn = small_index
+    texts = {c["id"]: c["text"] for c in chunks}
+    asks = {"symptoms": "What symptoms does {} cause?", "treatment": "How is {} treated?",
+            "diagnosis": "How do doctors diagnose {}?", "red_flags": "When is {} an emergency?"}
+    names = {"asthma": "asthma", "gout": "gout", "type_2_diabetes": "type 2 diabetes"}
+    qs, pos = [], []
+    for ref, name in names.items():
+        for section, ask in asks.items():
+            qs.append(ask.format(name))
+            pos.append({f"cond.{ref}.{section}"})
+    trip = rerank.hard_negative_triplets(qs, pos, texts, bm25, seed=0)
+    assert len(trip) == len(qs) and all(t["negative_id"] not in p for t, p in zip(trip, pos))
+    weight, report = rerank.train_query_adapter(dn, trip, [t["positive_id"] for t in trip],
+                                                [t["negative_id"] for t in trip], epochs=60, lr=1e-2)
+    assert report["loss_last"] < report["loss_first"]
+    plain = rerank.QueryAdapterReranker(dn, np.eye(weight.shape[0], dtype=np.float32))
+    adapted = rerank.load("query-adapter", dense_index=dn, weight=weight)
+    cands = [(c["id"], 0.0) for c in chunks]
+
+    def mrr(rr):
+        return np.mean([1 / (1 + [d for d, _ in rr.rerank(q, cands, texts)].index(next(iter(p))))
+                        for q, p in zip(qs, pos)])
+    assert mrr(adapted) > mrr(plain)
+    with pytest.raises(ValueError, match="needs the dense index"):
+        rerank.load("query-adapter")

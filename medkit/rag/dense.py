@@ -85,9 +85,31 @@ class DenseIndex:
                      metadatas=[{"source_id": c.get("source_id", c["id"])} for c in chunks])
         self.texts.update({c["id"]: c["text"] for c in chunks})
 
+    cache_queries = False  # evaluation turns it on: it asks each query in several modes
+
+    def embed_query(self, query: str) -> list[float]:
+        """The query's embedding (kept while ``cache_queries`` is on; latency is timed with it off)."""
+        cache = self.__dict__.setdefault("_qcache", {})
+        if not self.cache_queries:
+            cache.clear()
+            return self.encoder.encode([query], normalize_embeddings=True, show_progress_bar=False)[0].tolist()
+        if query not in cache:
+            if len(cache) > 512:
+                cache.clear()
+            cache[query] = self.encoder.encode([query], normalize_embeddings=True, show_progress_bar=False)[0].tolist()
+        return cache[query]
+
+    def vectors(self, ids: list[str]) -> dict:
+        """The stored (normalised) vectors of ``ids`` as numpy arrays; unknown ids are left out."""
+        import numpy as np
+
+        got = self.col.get(ids=list(ids), include=["embeddings"])
+        return {i: np.asarray(e, dtype=np.float32) for i, e in zip(got["ids"], got["embeddings"])}
+
     def search(self, query: str, k: int = 10) -> list[tuple[str, float]]:
-        emb = self.encoder.encode([query], normalize_embeddings=True, show_progress_bar=False)
-        res = self.col.query(query_embeddings=emb.tolist(), n_results=min(k, self.col.count()))
+        if not self.col.count():
+            return []
+        res = self.col.query(query_embeddings=[self.embed_query(query)], n_results=min(k, self.col.count()))
         return [(i, 1.0 - float(d)) for i, d in zip(res["ids"][0], res["distances"][0])]
 
 

@@ -23,7 +23,7 @@ class HybridRetriever:
     fusion: str = DEFAULT_FUSION  # weighted | rrf
     weights: tuple[float, float] = DEFAULT_WEIGHTS
     timings: dict[str, list[float]] = field(default_factory=dict)
-    reranker: Any = None  # rerank.Reranker: mode="rerank" re-scores the hybrid top ``rerank_pool``
+    reranker: Any = None  # rerank.load(...): mode="rerank" re-scores the hybrid top ``rerank_pool``
     texts: dict[str, str] = field(default_factory=dict)  # evidence id -> text, for the reranker
     rerank_pool: int = 10
 
