@@ -57,6 +57,10 @@ PROFILES: dict[str, dict[str, Any]] = {
                     "use_unsloth": False, "warmup_steps": 10,
                     "lora": {"r": 16, "alpha": 16, "dropout": 0.0, "target_modules": _LLAMA_ALL}},
             "rag": {"embedder": "offline-minilm", "reranker": "train-here", "top_k": 10, "rerank_k": 3},
+            # 07_agent: rule- and KB-driven draft/audit/refine and extractive summary memory (the tiny
+            # models cannot write usable answers); the token budget is in whitespace tokens
+            "agent": {"mode": "rules", "llm_model": None, "max_rounds": 3, "top_k": 5,
+                      "memory_token_budget": 160, "keep_recent_turns": 2},
             "eval": {"bertscore_model": "offline-minilm"},
             "serve": {"engine": "vllm-cpu", "max_model_len": 256, "tensor_parallel_size": 1},
         },
@@ -89,6 +93,9 @@ PROFILES: dict[str, dict[str, Any]] = {
                     "lora": {"r": 16, "alpha": 16, "dropout": 0.0, "target_modules": _LLAMA_ALL}},
             "rag": {"embedder": "BAAI/bge-small-en-v1.5", "reranker": "BAAI/bge-reranker-base",
                     "top_k": 10, "rerank_k": 3},
+            # 07_agent: the DPO model drafts, refines and summarises; the rule auditor checks every draft
+            "agent": {"mode": "llm", "llm_model": "artifact:dpo_model", "max_rounds": 2, "top_k": 5,
+                      "memory_token_budget": 768, "keep_recent_turns": 4},
             "eval": {"bertscore_model": "microsoft/deberta-xlarge-mnli"},
             "serve": {"engine": "vllm", "max_model_len": 2048, "tensor_parallel_size": 1},
         },
@@ -120,6 +127,9 @@ PROFILES: dict[str, dict[str, Any]] = {
                     "lora": {"r": 16, "alpha": 16, "dropout": 0.0, "target_modules": _LLAMA_ALL}},
             "rag": {"embedder": "BAAI/bge-m3", "reranker": "BAAI/bge-reranker-v2-m3",
                     "top_k": 10, "rerank_k": 3},
+            # 07_agent: the DPO model drafts, refines and summarises; the rule auditor checks every draft
+            "agent": {"mode": "llm", "llm_model": "artifact:dpo_model", "max_rounds": 2, "top_k": 5,
+                      "memory_token_budget": 1024, "keep_recent_turns": 4},
             "eval": {"bertscore_model": "microsoft/deberta-xlarge-mnli"},
             "serve": {"engine": "vllm", "max_model_len": 4096, "tensor_parallel_size": 1},
         },

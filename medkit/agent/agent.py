@@ -31,6 +31,46 @@ _HEIGHT_CM = re.compile(r"\b(\d{3})\s*(?:cm|centimetres?|centimeters?)\b", re.I)
 _STOCK = re.compile(r"\b(in stock|have (any )?\w+ in|available|do you (have|stock|sell))\b", re.I)
 
 
+class StoredDenseIndex:
+    """A dense index opened from an existing ChromaDB collection (no re-embedding)."""
+
+    def __init__(self, collection, encoder):
+        self.col, self.encoder = collection, encoder
+
+    def search(self, query: str, k: int = 10) -> list[tuple[str, float]]:
+        from ..rag import dense
+
+        return dense.DenseIndex.search(self, query, k)
+
+
+def reuse_rag_index(session, chunks: list[dict[str, Any]], encoder, analyzer):
+    """The hybrid retriever over 06_rag's ChromaDB index (copied into this notebook's folder),
+    when that index holds exactly these chunks with this embedder; else None (build a new one)."""
+    import shutil
+
+    from ..artifacts import MissingArtifact
+    from ..rag import dense, pipeline, sparse
+
+    try:
+        src = session.get("rag_index")
+    except MissingArtifact:
+        return None
+    dst = session.dir / "agent_chroma"
+    shutil.rmtree(dst, ignore_errors=True)
+    shutil.copytree(src, dst)
+    try:
+        col = dense.chroma_client(dst).get_collection("medkit_passages")
+        ids = [c["id"] for c in chunks]
+        if col.count() != len(ids) or len(col.get(ids=ids[:: max(1, len(ids) // 50)])["ids"]) != len(ids[:: max(1, len(ids) // 50)]):
+            return None
+        probe = col.get(ids=[ids[0]], include=["embeddings"])["embeddings"][0]
+        if len(probe) != encoder.get_sentence_embedding_dimension():
+            return None
+    except Exception:  # noqa: BLE001 - an unreadable or different index: rebuild instead
+        return None
+    return pipeline.HybridRetriever(sparse.BM25Index(chunks), StoredDenseIndex(col, encoder), rewrite=analyzer.enrich)
+
+
 @dataclass
 class Reply:
     session_id: str
@@ -88,7 +128,9 @@ class MedicalAgent:
         if retriever is None:
             rag = session.stage("rag")
             encoder = dense.load_encoder(rag["embedder"], session.cfg["device"])
-            retriever, _ = evaluate.build(chunks, encoder, dense.chroma_client(session.dir / "agent_chroma"), analyzer)
+            retriever = reuse_rag_index(session, chunks, encoder, analyzer)
+            if retriever is None:
+                retriever, _ = evaluate.build(chunks, encoder, dense.chroma_client(session.dir / "agent_chroma"), analyzer)
         llm = None
         if cfg.get("mode") == "llm":
             from .llm import LLMWriter
