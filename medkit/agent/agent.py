@@ -193,6 +193,10 @@ class MedicalAgent:
     def _retrieve(self, state: dict[str, Any]) -> list[tuple[str, float]]:               # 4 retrieval
         if self.retriever is None:
             return []
+        if (not auditor.intents(state["message"]) and "?" not in state["message"] and state["add"]
+                and state["triage"].level != "HIGH"):
+            state["retrieval_skipped"] = True  # the patient only told us facts: acknowledged from memory
+            return []
         t = time.perf_counter()
         query = state["message"]
         if len(query.split()) < 6 and state["history"]:  # a short follow-up leans on the last question
@@ -308,7 +312,8 @@ class MedicalAgent:
             f"{mem['conditions']}, age {mem['age']}, pregnant {mem['pregnant']}"
             + (f"; summary of earlier turns: {state['summary']}" if state["summary"] else ""),
             f"3. Triage: {tri.level}: {tri.reason}",
-            f"4. Retrieved: {[pid for pid, _ in state['retrieved']]}",
+            f"4. Retrieved: {[pid for pid, _ in state['retrieved']]}"
+            + (" (skipped: the message only stated facts)" if state.get("retrieval_skipped") else ""),
             f"5. Draft ({'LLM' if self.llm else 'rules'}): {draft_text[:300]}",
             *[f"{6 if i == 0 else 6}-7. Audit round {rd['round']}: "
               + ("no issues" if rd["ok"] else "; ".join(f"{x['type']} ({x['severity']}): {x['detail']}" for x in rd["issues"]))

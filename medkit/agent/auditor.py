@@ -283,7 +283,8 @@ def refine(sentences: list[Sentence], crit: dict[str, Any], state: TurnState, kb
            levels: dict[str, Any]) -> list[Sentence]:
     """Act on every issue of the critique and return the next draft."""
     issues = crit["issues"]
-    blocked = {i["drug"] for i in issues if i["severity"] == "block" and i["drug"] and i["type"] != "adult_dose_for_child"}
+    blocked = {i["drug"] for i in issues if i["severity"] == "block" and i["drug"]
+               and i["type"] not in ("adult_dose_for_child", "dose")}  # a bad amount is not a bad drug
     drop = {i["sentence"] for i in issues if i["type"] in ("uncited", "adult_dose_for_child") and i["sentence"] is not None}
     out: list[Sentence] = []
     replaced_topic = False
