@@ -166,7 +166,7 @@ def drug_issues(kb: KnowledgeBase, did: str, memory: dict[str, Any]) -> list[dic
     if did in allergies or (d.get("allergy_class") and d["allergy_class"] in allergies):
         allergen = did if did in allergies else d["allergy_class"]
         issues.append({"type": "allergy", "severity": "block", "drug": did, "evidence": f"drug.{did}.cautions",
-                       "detail": f"{d['name']} is {d['drug_class']} and the patient is allergic to {allergen}"})
+                       "detail": f"{d['name']} ({d['drug_class']}): the patient is allergic to {allergen}"})
     if memory.get("pregnant"):
         if d["pregnancy"] == "avoid":
             issues.append({"type": "pregnancy", "severity": "block", "drug": did, "evidence": f"drug.{did}.cautions",
@@ -260,7 +260,9 @@ def _warning_text(kb: KnowledgeBase, issue: dict[str, Any]) -> str:
     name = d.get("name", "this medicine")
     t = issue["type"]
     if t == "allergy":
-        return f"Do not take {name}: you told me you are allergic to {issue['detail'].rsplit('allergic to ', 1)[1]}, and {name} is {d['drug_class']}."
+        cls = d["drug_class"]
+        return (f"Do not take {name}: you told me you are allergic to {issue['detail'].rsplit('allergic to ', 1)[1]}, "
+                f"and {name} is {'an' if cls[0] in 'aeiou' else 'a'} {cls}.")
     if t == "pregnancy":
         verb = "Avoid" if issue["severity"] == "block" else "Check with your midwife, GP or pharmacist before using"
         return f"{verb} {name} in pregnancy: {d['pregnancy_note']}"

@@ -37,13 +37,14 @@ def memory_html(mem: dict[str, Any]) -> str:
     return f'<div class="medkit-memory"><b>Remembered</b><table>{rows}</table></div>'
 
 
-def turn_html(message: str, reply) -> str:
+def turn_html(message: str, reply, details: bool = True) -> str:
+    """One exchange; ``details`` adds its sources and the collapsible reasoning (the transcript)."""
     answer = html.escape(reply.answer).replace("\n\n", "<br><br>")
+    extra = (f'{sources_html(reply.citations)}<details><summary>Reasoning</summary><pre style="white-space:pre-wrap">'
+             f'{html.escape(reply.reasoning)}</pre></details>') if details else ""
     return (f'<div class="medkit-turn"><div><b>You:</b> {html.escape(message)}</div>'
             f'<div>{badge_html(reply.triage)}</div><div class="medkit-answer"><b>Assistant:</b> {answer}</div>'
-            f'{sources_html(reply.citations)}'
-            f'<details><summary>Reasoning</summary><pre style="white-space:pre-wrap">'
-            f'{html.escape(reply.reasoning)}</pre></details></div><hr>')
+            f'{extra}</div><hr>')
 
 
 class ChatUI:
@@ -113,7 +114,7 @@ class ChatUI:
         self.input.value = ""
 
     def _refresh(self, reply) -> None:
-        self.conversation.value = "".join(turn_html(m, r).split("<details>")[0] + "</div><hr>" for m, r in self.turns)
+        self.conversation.value = "".join(turn_html(m, r, details=False) for m, r in self.turns)
         self.badge.value = badge_html(reply.triage)
         self.sources.value = sources_html(reply.citations)
         self.reasoning.value = f'<pre style="white-space:pre-wrap">{html.escape(reply.reasoning)}</pre>'
