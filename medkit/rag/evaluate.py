@@ -8,6 +8,7 @@ prints JSON: recall@1/5/10, MRR@10 and nDCG@10 per retriever, with and without r
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 from ..kb import KnowledgeBase
@@ -30,18 +31,24 @@ def relevant_passage(row: dict[str, Any], kb: KnowledgeBase) -> set[str]:
 
 def build(chunks: list[dict[str, Any]], encoder, client, analyzer: query.QueryAnalyzer | None = None,
           fusion: str = pipeline.DEFAULT_FUSION,
-          weights: tuple[float, float] = pipeline.DEFAULT_WEIGHTS) -> tuple[pipeline.HybridRetriever, dict]:
-    """Index ``chunks`` with BM25 and dense; returns the retriever and build timings."""
+          weights: tuple[float, float] = pipeline.DEFAULT_WEIGHTS, index_dir: str | Path | None = None,
+          embedder: str = "", log=print) -> tuple[pipeline.HybridRetriever, dict]:
+    """Index ``chunks`` with BM25 and dense; returns the retriever and build timings. With
+    ``index_dir`` the dense index is persistent (``client`` is then unused): reloaded without
+    re-embedding when the content hash matches, rebuilt with a message otherwise."""
     t = time.perf_counter()
     bm25 = sparse.BM25Index(chunks)
     t_bm25 = time.perf_counter() - t
     t = time.perf_counter()
-    dn = dense.DenseIndex(chunks, encoder, client)
+    if index_dir is not None:
+        dn = dense.open_index(chunks, encoder, index_dir, embedder or "unnamed", log=log)
+    else:
+        dn = dense.DenseIndex(chunks, encoder, client)
     t_dense = time.perf_counter() - t
-    timing = {"docs": len(chunks), "bm25_s": t_bm25, "dense_s": t_dense,
+    timing = {"docs": len(chunks), "bm25_s": t_bm25, "dense_s": t_dense, "dense_status": dn.status,
               "docs_per_s": len(chunks) / (t_bm25 + t_dense)}
     return pipeline.HybridRetriever(bm25, dn, rewrite=analyzer.enrich if analyzer else None,
-                                    fusion=fusion, weights=weights), timing
+                                    fusion=fusion, weights=weights, texts=dn.texts), timing
 
 
 def evaluate(retriever: pipeline.HybridRetriever, questions: list[str], relevant: list[set[str]],
