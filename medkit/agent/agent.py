@@ -45,7 +45,8 @@ class StoredDenseIndex:
 
 def reuse_rag_index(session, chunks: list[dict[str, Any]], encoder, analyzer):
     """The hybrid retriever over 06_rag's ChromaDB index (copied into this notebook's folder),
-    when that index holds exactly these chunks with this embedder; else None (build a new one)."""
+    when that index holds exactly these chunks (ids checked) with vectors of this embedder's size;
+    else None (build a new one)."""
     import shutil
 
     from ..artifacts import MissingArtifact
@@ -68,7 +69,8 @@ def reuse_rag_index(session, chunks: list[dict[str, Any]], encoder, analyzer):
             return None
     except Exception:  # noqa: BLE001 - an unreadable or different index: rebuild instead
         return None
-    return pipeline.HybridRetriever(sparse.BM25Index(chunks), StoredDenseIndex(col, encoder), rewrite=analyzer.enrich)
+    return pipeline.HybridRetriever(sparse.BM25Index(chunks), StoredDenseIndex(col, encoder), rewrite=analyzer.enrich,
+                                    texts={c["id"]: c["text"] for c in chunks})
 
 
 @dataclass
@@ -129,8 +131,9 @@ class MedicalAgent:
             rag = session.stage("rag")
             encoder = dense.load_encoder(rag["embedder"], session.cfg["device"])
             retriever = reuse_rag_index(session, chunks, encoder, analyzer)
-            if retriever is None:
-                retriever, _ = evaluate.build(chunks, encoder, dense.chroma_client(session.dir / "agent_chroma"), analyzer)
+            if retriever is None:  # persistent: a later run of 07 reloads it without re-embedding
+                retriever, _ = evaluate.build(chunks, encoder, None, analyzer, index_dir=session.dir / "agent_index",
+                                              embedder=rag["embedder"])
         llm = None
         if cfg.get("mode") == "llm":
             from .llm import LLMWriter

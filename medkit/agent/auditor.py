@@ -106,14 +106,23 @@ def _passage_sentence(state: TurnState, pid: str, drug_ids, kind: str | None = N
     return Sentence(text, [n], kind, drugs)
 
 
+def _relevant(state: TurnState, pid: str) -> bool:
+    """A passage is about what the patient mentioned: its condition or drug, or one of the
+    conditions, drugs or symptoms named in the message appears in it."""
+    topics = {f"cond.{c}." for c in state.message_conditions} | {f"drug.{d}." for d in state.message_drugs}
+    text = state.evidence.passages.get(pid, "").lower()
+    return any(pid.startswith(t) for t in topics) or any(t.lower() in text for t in state.entity_terms)
+
+
 def rule_draft(state: TurnState, kb: KnowledgeBase, drug_ids) -> list[Sentence]:
     """An extractive first draft that answers the question from the evidence. It does not look
     at the patient's memory: that is the auditor's job, so the draft can be unsafe."""
     out: list[Sentence] = []
     if state.triage.level == "HIGH":  # the emergency comes first; add only what to watch for
         for pid, _ in state.retrieved:
-            if pid.split("#")[0].endswith(".red_flags"):
-                s = _passage_sentence(state, pid.split("#")[0], drug_ids, "info")
+            pid = pid.split("#")[0]
+            if pid.endswith(".red_flags") and _relevant(state, pid):
+                s = _passage_sentence(state, pid, drug_ids, "info")
                 return [s] if s else []
         return []
     if not state.intents and "?" not in state.message and state.new_facts:
@@ -133,12 +142,9 @@ def rule_draft(state: TurnState, kb: KnowledgeBase, drug_ids) -> list[Sentence]:
             s.drugs = list(kb.conditions[c]["first_line_drugs"])
             out.append(s)
     if not out:  # a general question: the top passages about what the patient mentioned
-        topics = {f"cond.{c}." for c in state.message_conditions} | {f"drug.{d}." for d in state.message_drugs}
-        terms = [t.lower() for t in state.entity_terms]
         for pid, _ in state.retrieved:
             pid = pid.split("#")[0]
-            text = state.evidence.passages.get(pid, "").lower()
-            if any(pid.startswith(t) for t in topics) or (terms and any(t in text for t in terms)):
+            if _relevant(state, pid):
                 s = _passage_sentence(state, pid, drug_ids)
                 if s:
                     out.append(s)
