@@ -333,3 +333,37 @@ def test_interactive_widget_sends_on_submit(make_agent):
     assert "penicillin" in ui.memory_view.value
     ui._forget(None)
     assert "penicillin" not in ui.memory_view.value
+
+
+class ScriptedWriter:
+    """Stands in for the GPU profile's LLM (medkit.agent.llm.LLMWriter) with fixed text, so the
+    test checks what the rule auditor does to an LLM's draft; it is not a model."""
+
+    def __init__(self):
+        self.refine_calls = []
+
+    def draft(self, message, memory, summary, evidence):
+        return "Amoxicillin 500 mg three times a day treats it [E1]. Rest helps everyone."
+
+    def refine(self, text, critique, evidence):
+        self.refine_calls.append(critique)
+        return text
+
+    def summarise(self, turns):
+        return "summary of %d turns" % len(turns)
+
+
+def test_llm_drafts_are_audited_like_rule_drafts(kb, corpus, tmp_path):
+    bm25, passages = corpus
+    writer = ScriptedWriter()
+    agent = MedicalAgent(kb, bm25, tmp_path / "llm.sqlite", {"mode": "llm", "memory_token_budget": 30,
+                                                               "keep_recent_turns": 1}, passages, llm=writer)
+    agent.chat("I'm allergic to penicillin.", patient_id="p", session_id="s")
+    r = agent.chat("I have an ear infection. What antibiotic should I take?", patient_id="p", session_id="s")
+    types = {i["type"] for i in r.audit_rounds[0]["issues"]}
+    assert {"allergy", "uncited"} <= types and writer.refine_calls
+    final = answer.parse(r.answer, agent.extractor.drug_ids)
+    assert "amoxicillin" not in answer.recommended_drugs(final) and "Rest helps everyone" not in r.answer
+    assert agent.store.summary("s")[0].startswith("summary of")  # the LLM summarises past the budget
+    with pytest.raises(ValueError, match="needs an LLMWriter"):
+        MedicalAgent(kb, bm25, tmp_path / "x.sqlite", {"mode": "llm"}, passages)

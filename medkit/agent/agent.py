@@ -287,6 +287,11 @@ class MedicalAgent:
                 sentences = auditor.final_fallback(sentences, crit)
                 rounds.append({"round": crit["round"], "ok": False, "issues": crit["issues"],
                                "draft": answer.render(sentences), "fallback": "dropped the sentences still at issue"})
+        if tri.level != "HIGH" and not any(s.kind in ("info", "recommend", "dose", "warning") for s in sentences) \
+                and not state["add"]:
+            sentences.append(answer.Sentence("I could not answer that safely from my sources. Please ask a pharmacist "
+                                             "or doctor, and tell them your symptoms and the medicines you take.",
+                                             [], "advice"))
         # 9 assemble (8 validates it)
         dept = next((c["result"]["department"] for c in calls if c["ok"] and c["name"] == "department_triage"),
                     "General Practice")

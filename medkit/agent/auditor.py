@@ -243,7 +243,8 @@ def critique(sentences: list[Sentence], state: TurnState, kb: KnowledgeBase, rou
             issues.append({"type": "adult_dose_for_child", "severity": "block", "drug": s.drugs[0] if s.drugs else None,
                            "sentence": i, "evidence": None,
                            "detail": "an adult dose was given for a child; children's doses depend on age and weight"})
-        if s.kind in ("info", "recommend", "dose"):
+        # every claim cites; so does a warning the auditor did not write itself (an LLM's)
+        if s.kind in ("info", "recommend", "dose") or (s.kind == "warning" and s.issue is None):
             bad = [n for n in s.cites if not 1 <= n <= len(state.evidence.items)]
             if not s.cites or bad:
                 issues.append({"type": "uncited", "severity": "block", "sentence": i, "drug": None, "evidence": None,
