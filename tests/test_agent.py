@@ -367,3 +367,20 @@ def test_llm_drafts_are_audited_like_rule_drafts(kb, corpus, tmp_path):
     assert agent.store.summary("s")[0].startswith("summary of")  # the LLM summarises past the budget
     with pytest.raises(ValueError, match="needs an LLMWriter"):
         MedicalAgent(kb, bm25, tmp_path / "x.sqlite", {"mode": "llm"}, passages)
+
+
+def test_red_flags_match_word_forms_and_use_the_previous_message(kb):
+    assert triage.triage(kb, "I have been thinking about killing myself tonight").level == "HIGH"
+    assert triage.triage(kb, "Her arm suddenly went weak").level == "HIGH"
+    assert triage.triage(kb, "I feel faint").level == "LOW"
+    assert triage.triage(kb, "I feel faint", context="I got stung by a wasp.").level == "HIGH"
+    assert triage.triage(kb, "I'm not thinking about killing myself, just tired").level == "LOW"
+    assert triage.normalise("Killing swollen lips") == "kill swell lip"
+
+
+def test_held_out_scenarios_load_and_run(make_agent, kb):
+    suite = scenarios.load(scenarios.paths.data_dir() / "agent" / "scenarios_holdout.yaml", kb)
+    results = scenarios.run(make_agent, suite, make_agent().extractor.drug_ids, kb)
+    m = scenarios.metrics(results)
+    assert m["agent.scenarios"] == len(suite) >= 20 and m["agent.notice_rate"] == 1.0
+    assert m["agent.false_alarm_rate"] <= 0.10  # reported, not tuned: only the floor is checked

@@ -186,11 +186,13 @@ class MedicalAgent:
         add, remove = self.extractor.extract(message)                                # 1 entities
         ents = self.analyzer.entities(message)
         mem = memory.apply(self.store.memory(patient_id), add, remove)               # 2 memory
-        tri = triage.triage(self.kb, message, mem)                                    # 3 triage
+        history = self.store.turns(session_id)
+        context = history[-1]["user"] if history else ""
+        tri = triage.triage(self.kb, message, mem, context)                           # 3 triage
         summary, upto = self.store.summary(session_id)
         return {"message": message, "patient_id": patient_id, "session_id": session_id, "add": add,
                 "remove": remove, "entities": ents, "memory": mem, "triage": tri, "summary": summary,
-                "summarised_upto": upto, "history": self.store.turns(session_id), "t0": t0,
+                "summarised_upto": upto, "history": history, "t0": t0, "context": context,
                 "timings": {"understand_ms": (time.perf_counter() - t0) * 1000}}
 
     def _retrieve(self, state: dict[str, Any]) -> list[tuple[str, float]]:               # 4 retrieval
@@ -287,8 +289,8 @@ class MedicalAgent:
                 sentences = auditor.final_fallback(sentences, crit)
                 rounds.append({"round": crit["round"], "ok": False, "issues": crit["issues"],
                                "draft": answer.render(sentences), "fallback": "dropped the sentences still at issue"})
-        if tri.level != "HIGH" and not any(s.kind in ("info", "recommend", "dose", "warning") for s in sentences) \
-                and not state["add"]:
+        if tri.level != "HIGH" and not any(s.kind in ("info", "recommend", "dose", "warning", "advice")
+                                           for s in sentences) and not state["add"]:
             sentences.append(answer.Sentence("I could not answer that safely from my sources. Please ask a pharmacist "
                                              "or doctor, and tell them your symptoms and the medicines you take.",
                                              [], "advice"))
@@ -307,7 +309,7 @@ class MedicalAgent:
         else:
             text = f"{body}\n\n{triage_line}"
         text = f"{text}\n\n{answer.NOTICE}"
-        ctx = {**mem, "message": state["message"]}
+        ctx = {**mem, "message": state["message"], "context": state["context"]}
         final, report = safety.validate(text, ctx, extractor=self.extractor)          # 8 safety
         used = sorted({n for s in sentences for n in s.cites})
         citations = [{"id": f"E{n}", "evidence_id": ev.items[n - 1]["id"], "text": ev.items[n - 1]["text"]}

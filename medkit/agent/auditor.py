@@ -62,8 +62,9 @@ class TurnState:
     entity_terms: list = field(default_factory=list)  # canonical conditions, drugs and symptoms named
 
     def topic_conditions(self) -> list[str]:
-        if self.message_conditions:
-            return self.message_conditions
+        if self.message_conditions:  # the conditions named in the question come first
+            question = next((q for q in reversed(re.findall(r"[^.!?]+\?", self.message))), "").lower()
+            return sorted(self.message_conditions, key=lambda c: c.replace("_", " ").split()[-1] not in question)
         return list(dict.fromkeys(pid.split(".")[1] for pid, _ in self.retrieved if pid.startswith("cond.")))[:1]
 
 

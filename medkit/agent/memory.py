@@ -39,9 +39,10 @@ _CLASS_WORDS = {"penicillin": "penicillin", "cephalosporin": "cephalosporin", "s
                 "opiate": "opioid", "quinolone": "fluoroquinolone", "tetracycline": "tetracycline"}
 _SENTENCE = re.compile(r"[^.!?\n]+[.!?]?")
 _QUESTION_START = re.compile(r"^\s*(can|could|should|is|are|may|what|which|how|do|does|will|would|why|when)\b", re.I)
-_ALLERGY = re.compile(r"\ballerg(?:ic|y|ies)\b|\breaction to\b|\bcan'?t take\b|\bcannot take\b|\bbad reaction\b", re.I)
+_ALLERGY = re.compile(r"\ballerg(?:ic|y|ies)\b|\breaction to\b|\bcan'?t take\b|\bcannot take\b|\bbad reaction\b|"
+                      r"\b(gives?|gave|brings?|brought|made|makes) me (come )?(out in )?(a |an )?(rash|hives|swell|wheez)", re.I)
 _NO_ALLERGY = re.compile(r"\b(no (known )?allergies|not allergic|nkda|no drug allergies)\b", re.I)
-_TAKING = re.compile(r"\b(i take|i'?m taking|i am taking|i'?m on|i am on|i use|i'?ve been taking|i have been taking|"
+_TAKING = re.compile(r"\b(i take|i'?m taking|i am taking|i'?m on|i am on|i use|(been|was|got) (started|put) on|i started|i'?ve been taking|i have been taking|"
                      r"i'?ve been on|i have been on|prescribed|my (daily |regular |usual )?(tablets?|pills?|medicines?|"
                      r"medication|inhaler)|on (daily |regular )?(tablets|medication) (for|called)|takes|he'?s on|she'?s on)\b",
                      re.I)

@@ -3,8 +3,8 @@
     response, report = validate(response, patient_context)
 
 ``response`` is the answer text; ``patient_context`` holds what is known of the patient
-(``allergies``, ``medications``, ``conditions``, ``pregnant``, ``age``) and the patient's
-``message``. Three checks, independent of the auditor: drug interactions and contraindications
+(``allergies``, ``medications``, ``conditions``, ``pregnant``, ``age``), the patient's
+``message`` and optionally the previous message as ``context``. Three checks, independent of the auditor: drug interactions and contraindications
 of every medicine the answer recommends, emergency detection on the message, and dosage
 ceilings of every amount the answer states. Problems are fixed in the returned text (the
 emergency instruction goes first, warnings are appended) and listed in the report:
@@ -79,7 +79,7 @@ def validate(response: str, patient_context: dict[str, Any] | None = None, kb: K
                 warnings.append({"type": "dose", "level": "HIGH", "drugs": s.drugs, "detail": detail})
                 additions.append(f"Safety check: {detail}; do not exceed the usual dose.")
     # emergencies: the patient's message decides, whatever the answer says
-    t = triage.triage(kb, ctx.get("message", ""), memory)
+    t = triage.triage(kb, ctx.get("message", ""), memory, ctx.get("context", ""))
     emergency = t.level == "HIGH"
     out = response
     if emergency:

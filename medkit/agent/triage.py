@@ -34,16 +34,62 @@ def duration_days(text: str) -> float | None:
     return best
 
 
-def mentions(text: str, phrase: str) -> bool:
-    """``phrase`` occurs in ``text`` (lower-case) and is not negated just before it."""
+_WORD = re.compile(r"[a-z0-9']+")
+_IRREGULAR = {"is": "be", "are": "be", "was": "be", "were": "be", "am": "be", "swollen": "swell", "went": "go",
+              "gone": "go", "feels": "feel", "felt": "feel"}
+
+
+def _stem(word: str) -> str:
+    """A crude stem, the same for the text and the lexicon: "killing" → "kill", "swelling" →
+    "swell", "lips" → "lip"; forms of "be" → "be"."""
+    if word in _IRREGULAR:
+        return _IRREGULAR[word]
+    for suffix, keep in (("ing", 3), ("ed", 3), ("es", 4), ("s", 3)):
+        if word.endswith(suffix) and len(word) - len(suffix) >= keep and not word.endswith("ss"):
+            word = word[: -len(suffix)]
+            if suffix in ("ing", "ed") and len(word) > 3 and word[-1] == word[-2] and word[-1] not in "lsfz":  # "stopped" → "stop"
+                word = word[:-1]
+            return word
+    return word
+
+
+def normalise(text: str) -> str:
+    return " ".join(_stem(w) for w in _WORD.findall(text.lower().replace("’", "'")))
+
+
+_LOOSE: dict[str, re.Pattern] = {}
+
+
+def _loose_pattern(phrase: str) -> re.Pattern:
+    """The phrase's stems in order, with at most one other word between neighbours
+    ("arm went weak" also finds "arm suddenly went weak")."""
+    if phrase not in _LOOSE:
+        toks = [re.escape(t) for t in normalise(phrase).split()]
+        _LOOSE[phrase] = re.compile(r"\b" + r"(?:\s+\S+)?\s+".join(toks) + r"\b") if toks else re.compile(r"(?!)")
+    return _LOOSE[phrase]
+
+
+def _not_negated(text: str, start: int) -> bool:
+    return not _NEGATION.search(text[max(0, start - 40): start])
+
+
+def mentions(text: str, phrase: str, normalised: str | None = None) -> bool:
+    """``phrase`` occurs in ``text`` (lower-case) and is not negated just before it: verbatim,
+    or (when ``normalised`` = ``normalise(text)`` is given) as word stems in order with at most
+    one other word between them."""
     start = 0
     while True:
         i = text.find(phrase, start)
         if i < 0:
-            return False
-        if not _NEGATION.search(text[max(0, i - 40): i]):
+            break
+        if _not_negated(text, i):
             return True
         start = i + 1
+    if normalised is not None:
+        for m in _loose_pattern(phrase).finditer(normalised):
+            if _not_negated(normalised, m.start()):
+                return True
+    return False
 
 
 @dataclass
@@ -62,22 +108,29 @@ class Triage:
                 "red_flags": [f["id"] for f in self.red_flags]}
 
 
-def red_flags(kb: KnowledgeBase, text: str) -> list[dict[str, str]]:
-    """Every red flag whose phrases occur (not negated) in ``text``."""
-    low = " ".join(text.lower().split())
+def red_flags(kb: KnowledgeBase, text: str, context: str = "") -> list[dict[str, str]]:
+    """Every red flag whose phrases occur (not negated) in ``text``. The second feature a flag
+    may need (``with_any``) can also come from ``context`` (the patient's previous message:
+    "I was stung by a wasp." then "I feel faint")."""
+    low = " ".join(text.lower().replace("’", "'").split())
+    norm = normalise(low)
+    both = f"{' '.join(context.lower().split())} {low}"
+    norm_both = normalise(both)
     fired = []
     for f in kb.red_flags:
-        if any(mentions(low, p) for p in f["any"]) and (
-                not f.get("with_any") or any(mentions(low, p) for p in f["with_any"])):
+        if any(mentions(low, p, norm) for p in f["any"]) and (
+                not f.get("with_any") or any(mentions(both, p, norm_both) for p in f["with_any"])):
             fired.append({"id": f["id"], "name": f["name"], "action": " ".join(f["action"].split())})
     return fired
 
 
-def triage(kb: KnowledgeBase, text: str, patient: dict[str, Any] | None = None) -> Triage:
-    """Triage one message given what is known of the patient (``age`` in years, ``pregnant``)."""
+def triage(kb: KnowledgeBase, text: str, patient: dict[str, Any] | None = None, context: str = "") -> Triage:
+    """Triage one message given what is known of the patient (``age`` in years, ``pregnant``)
+    and, optionally, the patient's previous message as ``context`` for red flags."""
     patient = patient or {}
     low = " ".join(text.lower().replace("’", "'").split())
-    flags = red_flags(kb, low)
+    norm = normalise(low)
+    flags = red_flags(kb, low, context)
     days = duration_days(low)
     age, pregnant = patient.get("age"), bool(patient.get("pregnant"))
     hits: list[tuple[str, str, str]] = []  # (level, rule id, reason)
@@ -85,9 +138,9 @@ def triage(kb: KnowledgeBase, text: str, patient: dict[str, Any] | None = None) 
         when = rule["when"]
         if "red_flag" in when and not flags:
             continue
-        if "any" in when and not any(mentions(low, p) for p in when["any"]):
+        if "any" in when and not any(mentions(low, p, norm) for p in when["any"]):
             continue
-        if "all" in when and not all(mentions(low, p) for p in when["all"]):
+        if "all" in when and not all(mentions(low, p, norm) for p in when["all"]):
             continue
         if "age_max" in when and (age is None or age > when["age_max"]):
             continue
