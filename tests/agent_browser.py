@@ -53,7 +53,7 @@ def _wait_http(url: str, timeout: float) -> None:
 
 
 def chat_in_jupyterlab(notebook: Path, output_root: Path, screenshot: Path, workdir: Path,
-                       run_timeout_s: float = 420) -> dict[str, str]:
+                       run_timeout_s: float = 600) -> dict[str, str]:
     """Run ``notebook`` in JupyterLab in chromium, chat once through the widget; return the
     badge, the sources panel and the conversation text as the browser shows them."""
     from playwright.sync_api import sync_playwright
@@ -80,11 +80,28 @@ def chat_in_jupyterlab(notebook: Path, output_root: Path, screenshot: Path, work
                 page.goto(f"http://127.0.0.1:{port}/lab/tree/{notebook.name}?token={token}")
                 page.wait_for_selector(".jp-Notebook", timeout=120_000)
                 page.wait_for_selector('.jp-Notebook-ExecutionIndicator[data-status="idle"]', timeout=120_000)
-                page.locator(".jp-Notebook .jp-Cell").first.click()
-                page.locator('.lm-MenuBar-itemLabel:text-is("Run")').click()
-                page.locator('.lm-Menu-itemLabel:text-is("Run All Cells")').click()
+                started = False
+                for _ in range(4):  # the menu can miss a click while the page settles: check that cells run
+                    page.locator(".jp-Notebook .jp-Cell").first.click()
+                    page.locator('.lm-MenuBar-itemLabel:text-is("Run")').click()
+                    page.locator('.lm-Menu-itemLabel:text-is("Run All Cells")').click()
+                    try:
+                        page.wait_for_function(
+                            "[...document.querySelectorAll('.jp-InputPrompt')].some(p => /\\[(\\*|\\d+)\\]/.test(p.innerText))",
+                            timeout=30_000)
+                        started = True
+                        break
+                    except Exception:  # noqa: BLE001 - not started yet: try the menu again
+                        page.keyboard.press("Escape")
+                if not started:
+                    raise RuntimeError("JupyterLab did not start running the notebook (Run > Run All Cells)")
                 box = page.locator(".medkit-chat-input input")
-                box.wait_for(state="visible", timeout=run_timeout_s * 1000)
+                error = page.locator('.jp-OutputArea-output[data-mime-type="application/vnd.jupyter.error"]')
+                page.locator(".medkit-chat-input input, "
+                             '.jp-OutputArea-output[data-mime-type="application/vnd.jupyter.error"]').first.wait_for(
+                    state="visible", timeout=run_timeout_s * 1000)
+                if error.count():
+                    raise RuntimeError(f"a cell of {notebook.name} failed in JupyterLab:\n{error.first.inner_text()[-3000:]}")
                 box.click()
                 box.fill(MESSAGE)
                 box.press("Enter")
