@@ -61,6 +61,10 @@ PROFILES: dict[str, dict[str, Any]] = {
                     "reranker_train_questions": 1500, "adapter_epochs": 100, "adapter_lr": 1e-2,
                     "min_score": 0.5,  # abstain when the best reranked passage scores below this
                     "scale_sizes": [1000, 10000, 50000], "medquad_limit": 1500, "pubmedqa_model": None},
+            # 07_agent: rule- and KB-driven draft/audit/refine and extractive summary memory (the tiny
+            # models cannot write usable answers); the token budget is in whitespace tokens
+            "agent": {"mode": "rules", "llm_model": None, "max_rounds": 3, "top_k": 5,
+                      "memory_token_budget": 160, "keep_recent_turns": 2},
             "eval": {"bertscore_model": "offline-minilm"},
             "serve": {"engine": "vllm-cpu", "max_model_len": 256, "tensor_parallel_size": 1},
         },
@@ -95,6 +99,9 @@ PROFILES: dict[str, dict[str, Any]] = {
                     "top_k": 10, "rerank_k": 3, "reranker_max_length": 512, "min_score": 0.3,
                     "scale_sizes": [1000, 10000, 50000], "medquad_limit": 6000,
                     "pubmedqa_model": "artifact:sft_model"},
+            # 07_agent: the DPO model drafts, refines and summarises; the rule auditor checks every draft
+            "agent": {"mode": "llm", "llm_model": "artifact:dpo_model", "max_rounds": 2, "top_k": 5,
+                      "memory_token_budget": 768, "keep_recent_turns": 4},
             "eval": {"bertscore_model": "microsoft/deberta-xlarge-mnli"},
             "serve": {"engine": "vllm", "max_model_len": 2048, "tensor_parallel_size": 1},
         },
@@ -128,6 +135,9 @@ PROFILES: dict[str, dict[str, Any]] = {
                     "top_k": 10, "rerank_k": 3, "reranker_max_length": 512, "min_score": 0.3,
                     "scale_sizes": [1000, 10000, 50000], "medquad_limit": 6000,
                     "pubmedqa_model": "artifact:sft_model"},
+            # 07_agent: the DPO model drafts, refines and summarises; the rule auditor checks every draft
+            "agent": {"mode": "llm", "llm_model": "artifact:dpo_model", "max_rounds": 2, "top_k": 5,
+                      "memory_token_budget": 1024, "keep_recent_turns": 4},
             "eval": {"bertscore_model": "microsoft/deberta-xlarge-mnli"},
             "serve": {"engine": "vllm", "max_model_len": 4096, "tensor_parallel_size": 1},
         },

@@ -108,3 +108,35 @@ def test_06_rag_retrieval_is_measured(course_run):
     assert m["rag.recall5_bm25"] > 0.5 and m["rag.recall5_dense"] > 0.5
     assert m["rag.query_p95_ms"] > 0 and m["rag.build_docs_per_s"] > 0
     assert (root / "runs" / "ci" / "06_rag" / "chroma").is_dir()
+
+
+@pytest.mark.slow
+def test_07_agent_metrics(course_run):
+    _, summary, root = course_run
+    m = _metrics(summary, "07_agent")
+    assert m["agent.scenarios"] >= 60
+    assert m["agent.intercept_rate"] == 1.0 and m["agent.emergency_recall"] >= 0.98
+    assert m["agent.false_alarm_rate"] <= 0.10 and m["agent.memory_recall"] == 1.0
+    assert m["agent.tool_success"] >= 0.9 and m["agent.notice_rate"] == 1.0
+    if "safety.ddi_recall_crescenddi" in m:  # only when ../shared/data is present
+        assert m["safety.ddi_recall_crescenddi"] >= 0.9 and m["safety.ddi_fp_crescenddi"] <= 0.05
+        assert m["safety.ddi_pairs_covered"] > 300
+    assert (root / "runs" / "ci" / "07_agent" / "agent.sqlite").exists()
+
+
+@pytest.mark.slow
+def test_07_agent_chat_widget_in_a_real_browser(course_run, tmp_path):
+    """JupyterLab + Debian chromium via Playwright: run 07, type into the widget, read the reply."""
+    import agent_browser
+
+    reason = agent_browser.skip_reason()
+    if reason:
+        pytest.skip(reason)
+    _, _, root = course_run
+    shot = REPO / "outputs" / "agent_browser.png"
+    seen = agent_browser.chat_in_jupyterlab(REPO / "notebooks" / "07_agent.ipynb", root, shot, tmp_path / "lab")
+    assert agent_browser.MESSAGE in seen["conversation"] and seen["input_after"] == ""
+    assert seen["badge"].startswith("Triage ") and seen["badge"].split()[1] in ("LOW", "MEDIUM", "HIGH")
+    assert "[E1]" in seen["sources"] and "not medical advice" in seen["conversation"]
+    assert "Do not take phenoxymethylpenicillin" in seen["conversation"]  # the allergy was intercepted
+    assert shot.exists() and shot.stat().st_size > 10_000

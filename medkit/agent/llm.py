@@ -1,0 +1,48 @@
+"""LLM-assisted drafting, refining and summarising for the GPU profiles (``agent.mode: llm``).
+
+The LLM writes; the rule-based Medical Auditor (``medkit.agent.auditor``) still checks every
+draft, and the refine prompt hands the model the auditor's structured critique. The tiny
+profile does not use this module: its tiny models cannot write usable answers.
+"""
+from __future__ import annotations
+
+import json
+from typing import Any
+
+SYSTEM = ("You are a careful medical assistant. Answer only from the numbered evidence, cite it as [E1], [E2] "
+          "after each claim, never invent doses, and say when something needs a doctor.")
+
+
+class LLMWriter:
+    def __init__(self, model_ref: str, session=None, dtype: str = "bfloat16", device: str = "cuda",
+                 max_new_tokens: int = 256):
+        from ..train import common
+
+        self._common = common
+        path = common.resolve_model_ref(model_ref, session)
+        self.model, self.tok = common.load_causal_lm(path, dtype=dtype, device=device)
+        self.max_new_tokens = max_new_tokens
+
+    def _ask(self, user: str) -> str:
+        msgs = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}]
+        return self._common.generate(self.model, self.tok, [msgs], max_new_tokens=self.max_new_tokens)[0]["text"].strip()
+
+    @staticmethod
+    def _evidence(evidence: list[dict[str, str]]) -> str:
+        return "\n".join(f"[E{n}] {e['text']}" for n, e in enumerate(evidence, 1))
+
+    def draft(self, message: str, memory: dict[str, Any], summary: str, evidence: list[dict[str, str]]) -> str:
+        return self._ask(f"Evidence:\n{self._evidence(evidence)}\n\nWhat we know about the patient: "
+                         f"{json.dumps(memory)}\nEarlier in this conversation: {summary or 'nothing'}\n\n"
+                         f"Patient: {message}\nAnswer in 2-4 sentences with citations.")
+
+    def refine(self, text: str, critique: dict[str, Any], evidence: list[dict[str, str]]) -> str:
+        problems = "\n".join(f"- {i['type']}: {i['detail']}" for i in critique["issues"])
+        return self._ask(f"Evidence:\n{self._evidence(evidence)}\n\nDraft answer:\n{text}\n\nA medical auditor "
+                         f"found these problems:\n{problems}\nRewrite the answer so that every problem is fixed. "
+                         "Remove any unsafe medicine and say why; keep citations.")
+
+    def summarise(self, turns: list[dict[str, Any]]) -> str:
+        convo = "\n".join(f"Patient: {t['user']}\nAssistant: {t['answer']}" for t in turns)
+        return self._ask(f"Summarise this conversation in at most 3 sentences, keeping every symptom, medicine, "
+                         f"allergy, condition and the urgency:\n{convo}")

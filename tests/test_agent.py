@@ -1,0 +1,386 @@
+"""medkit.agent: triage, DDI checker, memory, store, tools, auditor, safety validator, the
+agent loop, the scenario suite and the headless chat cell. No model or embedder is loaded: the
+retriever is BM25 over the knowledge-base passages."""
+import asyncio
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from medkit import kb as knowledge_base
+from medkit.agent import MedicalAgent, answer, auditor, ddi, memory, safety, scenarios, triage, widget
+from medkit.agent.store import SCHEMA_VERSION, Store
+from medkit.agent.tools import ToolBox
+from medkit.data import generate
+from medkit.rag import sparse, text
+from medkit.rag.query import QueryAnalyzer
+
+
+@pytest.fixture(scope="module")
+def kb():
+    return knowledge_base.load()
+
+
+@pytest.fixture(scope="module")
+def corpus(kb):
+    chunks = text.chunk(generate.passages(kb))
+    return sparse.BM25Index(chunks), {c["id"]: c["text"] for c in chunks}
+
+
+@pytest.fixture
+def make_agent(kb, corpus, tmp_path):
+    bm25, passages = corpus
+    analyzer = QueryAnalyzer(kb)
+    path = tmp_path / "agent.sqlite"
+    return lambda: MedicalAgent(kb, bm25, path, {}, passages, analyzer)
+
+
+def _turn(session="s1", patient="p1", **extra):
+    return {"session_id": session, "patient_id": patient, "user": "hello", "answer": "hi",
+            "triage": {"level": "LOW", "reason": "-"}, "response": {"ok": True}, **extra}
+
+
+# ---------------------------------------------------------------- triage
+def test_triage_levels_red_flags_negation_age_and_duration(kb):
+    high = triage.triage(kb, "I have chest pain going down my left arm and I'm sweating")
+    assert high.level == "HIGH" and high.red_flags and high.emergency_action.startswith("Call emergency services")
+    assert triage.triage(kb, "I don't have chest pain, just a runny nose").level == "LOW"
+    assert triage.triage(kb, "She has a temperature of 38.2", {"age": 0.1}).level == "HIGH"
+    assert triage.triage(kb, "She has a temperature of 38.2", {"age": 30}).level == "LOW"
+    assert triage.triage(kb, "I've had a cough for 4 weeks").level == "MEDIUM"
+    assert triage.triage(kb, "I've had a cough for 4 days").level == "LOW"
+    assert triage.duration_days("for two weeks") == 14 and triage.duration_days("no time here") is None
+
+
+# ---------------------------------------------------------------- DDI checker
+def test_ddi_pair_table_class_rules_and_names(kb):
+    assert ddi.resolve(kb, "Nurofen") == "ibuprofen" and ddi.resolve(kb, "not a drug") is None
+    hit = ddi.check_pair(kb, "warfarin", "aspirin")
+    assert hit["source"] == "kb" and hit["severity"] in ("major", "contraindicated")
+    assert ddi.check_pair(kb, "diclofenac", "venlafaxine")["source"].startswith("class:")
+    assert ddi.check_pair(kb, "paracetamol", "amoxicillin") is None
+    found = ddi.check(kb, ["ibuprofen"], ["warfarin", "lisinopril"])
+    assert [h["severity"] for h in found] == sorted([h["severity"] for h in found], key=lambda s: -ddi.SEVERITY_RANK[s])
+
+
+def test_class_rule_file_errors_name_the_row_and_field(kb, tmp_path):
+    bad = tmp_path / "rules.yaml"
+    bad.write_text("classes:\n  a: [ibuprofen, notadrug]\nrules:\n  - {a: a, b: a, severity: huge, effect: x, advice: y}\n")
+    with pytest.raises(ddi.RuleError, match=r"notadrug") as err:
+        ddi.load_class_rules(kb, bad)
+    assert "rules[0]" in str(err.value) and "severity" in str(err.value)
+
+
+def test_crescenddi_check_on_a_small_sample_and_a_bad_row(kb):
+    rows = [{"id": "1", "label": "positive", "drug_1": "Warfarin", "drug_2": "Aspirin"},
+            {"id": "2", "label": "positive", "drug_1": "Warfarin", "drug_2": "Unknownium"},
+            {"id": "3", "label": "negative", "drug_1": "Paracetamol", "drug_2": "Amoxicillin"}]
+    r = ddi.crescenddi_check(kb, rows)
+    assert r["positive_pairs"] == 1 and r["negative_pairs"] == 1 and r["recall"] == 1 and r["false_positive_rate"] == 0
+    with pytest.raises(ValueError, match=r"row 0 \(x\).*drug_2"):
+        ddi.crescenddi_check(kb, [{"id": "x", "label": "positive", "drug_1": "Warfarin"}])
+
+
+@pytest.mark.shared_data
+def test_crescenddi_real_reference_set(kb, shared_data):
+    path = shared_data / "crescenddi_ddi.jsonl"
+    if not path.exists():
+        pytest.skip("crescenddi_ddi.jsonl absent")
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    r = ddi.crescenddi_check(kb, rows)
+    assert r["pairs_covered"] > 300
+    assert r["recall"] >= 0.9 and r["false_positive_rate"] <= 0.05
+    assert r["recall"] > r["recall_pair_table_only"]  # the class rules add real coverage
+
+
+# ---------------------------------------------------------------- memory
+def test_fact_extraction(kb):
+    fx = memory.FactExtractor(kb, QueryAnalyzer(kb))
+    add, _ = fx.extract("I'm 34 and allergic to penicillin. I take warfarin every day.")
+    assert ("allergy", "penicillin") in add and ("age", "34") in add and ("medication", "warfarin") in add
+    add, _ = fx.extract("I can't take aspirin, it makes me wheeze. I'm 20 weeks pregnant.")
+    assert ("allergy", "nsaid") in add and ("pregnant", "true") in add and not any(k == "age" for k, _ in add)
+    assert fx.extract("Can I take ibuprofen?") == ([], [])  # a question about a drug is not a medication
+    assert fx.extract("I stopped taking simvastatin.")[1] == [("medication", "simvastatin")]
+    assert ("age", "0.115") in fx.extract("My baby is 6 weeks old.")[0]
+    assert ("condition", "chronic_kidney_disease") in fx.extract("I'm a 67-year-old man with kidney disease.")[0]
+
+
+def test_summary_memory_folds_old_turns_past_the_budget(kb):
+    fx = memory.FactExtractor(kb, QueryAnalyzer(kb))
+    turns = [{"user": f"I take warfarin and my ankle hurts, turn {i}.", "answer": "word " * 30, "triage": "LOW"}
+             for i in range(6)]
+    summary, recent = memory.compress("", turns, budget=100, keep_recent=2, summarise=lambda t: memory.extractive_summary(t, fx))
+    assert len(recent) == 2 and "warfarin" in summary
+    assert memory.compress("", turns[:1], budget=100, keep_recent=2, summarise=lambda t: "x") == ("", turns[:1])
+
+
+# ---------------------------------------------------------------- store
+def test_store_wal_version_and_migration_from_an_old_schema(tmp_path):
+    path = tmp_path / "old.sqlite"
+    s = Store(path)
+    assert s.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal" and s.version == SCHEMA_VERSION
+    s.close()
+    old = tmp_path / "v1.sqlite"  # a database from the first schema version
+    con = sqlite3.connect(old)
+    from medkit.agent.store import MIGRATIONS
+    con.executescript(MIGRATIONS[0] + "; PRAGMA user_version=1;")
+    con.execute("INSERT INTO patients VALUES ('p', 0)")
+    con.commit()
+    con.close()
+    s = Store(old)
+    assert s.version == SCHEMA_VERSION and s.counts()["patients"] == 1 and "tool_calls" in s.counts()
+    s.conn.execute(f"PRAGMA user_version={SCHEMA_VERSION + 1}")
+    s.close()
+    with pytest.raises(RuntimeError, match="newer than this medkit"):
+        Store(old)
+
+
+def test_a_failed_turn_is_rolled_back_and_earlier_turns_stay(tmp_path):
+    s = Store(tmp_path / "a.sqlite")
+    s.ensure_session("p1", "s1")
+    s.record_turn(_turn(memory_add=[("allergy", "penicillin", "chat")]))
+    with pytest.raises(RuntimeError):
+        s.record_turn(_turn(memory_add=[("medication", "warfarin", "chat")]), _fail_before_commit=True)
+    assert len(s.turns("s1")) == 1 and s.memory("p1")["allergies"] == ["penicillin"] and s.memory("p1")["medications"] == []
+
+
+def test_a_process_killed_mid_turn_loses_no_committed_turn(tmp_path):
+    path = tmp_path / "crash.sqlite"
+    child = textwrap.dedent(f"""
+        import os
+        import medkit.agent.store as st
+        s = st.Store({str(path)!r})
+        s.ensure_session("p1", "s1")
+        turn = lambda resp, add: {{"session_id": "s1", "patient_id": "p1", "user": "u", "answer": "a",
+                                   "triage": {{"level": "LOW", "reason": "r"}}, "response": resp, "memory_add": add}}
+        s.record_turn(turn({{"n": 1}}, [("allergy", "penicillin", "chat")]))
+        real = st.json.dumps
+        class Boom:  # dies while writing the second turn's response, inside its transaction
+            @staticmethod
+            def dumps(obj, *a, **k):
+                if isinstance(obj, dict) and obj.get("crash"):
+                    os._exit(9)
+                return real(obj, *a, **k)
+        st.json = Boom
+        s.record_turn(turn({{"crash": True}}, [("medication", "warfarin", "chat")]))
+    """)
+    proc = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 9, proc.stderr
+    s = Store(path)
+    assert s.conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    assert [t["idx"] for t in s.turns("s1")] == [0]
+    assert s.memory("p1")["allergies"] == ["penicillin"] and s.memory("p1")["medications"] == []
+    assert s.counts()["responses"] == 1
+
+
+def test_memory_is_visible_editable_and_clearable(tmp_path):
+    s = Store(tmp_path / "m.sqlite")
+    s.remember("p", "allergy", "penicillin")
+    s.remember("p", "age", 40)
+    s.remember("p", "age", 41)  # single-valued: replaced
+    assert s.memory("p")["allergies"] == ["penicillin"] and s.memory("p")["age"] == 41
+    with pytest.raises(ValueError, match="unknown memory kind"):
+        s.remember("p", "blood_group", "A")
+    assert s.forget("p", "allergy", "penicillin") == 1 and s.memory("p")["allergies"] == []
+    s.forget("p")
+    assert s.memory("p")["age"] is None
+
+
+# ---------------------------------------------------------------- tools
+def test_tools_validate_arguments_and_never_raise(kb, tmp_path):
+    store = Store(tmp_path / "t.sqlite")
+    store.seed_inventory(kb)
+    tb = ToolBox(kb, store)
+    r = tb.call("bmi", {"weight_kg": 70, "height_m": 1.75})
+    assert r["ok"] and r["result"]["bmi"] == 22.9 and r["result"]["category"] == "healthy weight"
+    assert tb.call("bmi", '{"weight_kg": 95, "height_m": 1.7}')["result"]["category"] == "obese"
+    bad = [("bmi", {"weight_kg": "heavy", "height_m": 1.7}), ("bmi", {"weight_kg": 70}),
+           ("bmi", {"weight_kg": 70, "height_m": 175}), ("bmi", "{not json"), ("nope", {}),
+           ("ddi_check", {"drugs": ["warfarin"]}), ("ddi_check", {"drugs": ["warfarin", "unobtainium"]}),
+           ("dose_check", {"drug": "paracetamol", "amount": 1, "unit": "kg"}),
+           ("kb_lookup", {"topic": "gout", "section": "dose"}), ("drug_inventory", {"drug": ""}),
+           ("department_triage", {"text": "x", "colour": "red"})]
+    for name, args in bad:
+        out = tb.call(name, args)
+        assert out["ok"] is False and isinstance(out["error"], str) and out["error"], (name, args)
+    assert tb.call("dose_check", {"drug": "Panadol", "amount": 2, "unit": "g"})["result"]["within_range"] is False
+    assert tb.call("ddi_check", {"drugs": ["sertraline", "tramadol"]})["result"]["interactions"]
+    assert tb.call("department_triage", {"text": "crushing chest pain"})["result"]["department"] == "Emergency"
+    assert tb.call("drug_inventory", {"drug": "amoxicillin"})["result"]["drug_id"] == "amoxicillin"
+
+
+# ---------------------------------------------------------------- auditor and safety validator
+def test_auditor_flags_and_refine_fixes(kb, corpus):
+    _, passages = corpus
+    fx = memory.FactExtractor(kb, QueryAnalyzer(kb))
+    mem = {"allergies": ["penicillin"], "medications": ["warfarin"], "conditions": [], "pregnant": True, "age": 30}
+    ev = auditor.Evidence(passages)
+    n = ev.add("cond.tonsillitis.treatment")
+    st = auditor.TurnState("My throat hurts. Can I take 2 g of paracetamol at once?", mem,
+                           triage.triage(kb, "sore throat"), ev, [], ["paracetamol"], [],
+                           auditor.stated_doses("Can I take 2 g of paracetamol at once?", fx.drug_ids), {"can_take"})
+    draft = [answer.Sentence("Medicines used include phenoxymethylpenicillin, ibuprofen and paracetamol.", [n],
+                             "recommend", ["phenoxymethylpenicillin", "ibuprofen", "paracetamol"]),
+             answer.Sentence("This claim has no source.", [], "info")]
+    crit = auditor.critique(draft, st, kb, 1)
+    types = {(i["type"], i.get("drug")) for i in crit["issues"]}
+    assert {("allergy", "phenoxymethylpenicillin"), ("pregnancy", "ibuprofen"), ("interaction", "ibuprofen"),
+            ("dose", "paracetamol"), ("uncited", None)} <= types
+    fixed = auditor.refine(draft, crit, st, kb, kb.triage["levels"])
+    assert set(answer.recommended_drugs(fixed)) == {"paracetamol"}
+    assert {s.issue for s in fixed if s.kind == "warning"} >= {"allergy", "pregnancy", "interaction", "dose"}
+    assert auditor.critique(fixed, st, kb, 2)["ok"]
+
+
+def test_missed_red_flag_puts_the_emergency_first(kb, corpus):
+    st = auditor.TurnState("face drooping and slurred speech", {"allergies": [], "medications": []},
+                           triage.triage(kb, "his face is drooping and his speech is slurred"),
+                           auditor.Evidence(corpus[1]), [], [], [], [], set())
+    crit = auditor.critique([], st, kb, 1)
+    assert [i["type"] for i in crit["issues"]] == ["missed_red_flag"]
+    fixed = auditor.refine([], crit, st, kb, kb.triage["levels"])
+    assert fixed[0].kind == "emergency" and auditor.critique(fixed, st, kb, 2)["ok"]
+
+
+def test_safety_validate(kb):
+    text = "You can take ibuprofen 400 mg three times a day. Or try 9000 mg of paracetamol."
+    out, report = safety.validate(text, {"medications": ["warfarin"], "message": "my back hurts"})
+    assert report["risk_level"] == "HIGH" and {w["type"] for w in report["warnings"]} >= {"interaction", "dose"}
+    assert out.startswith(text) and "Safety check" in out and answer.NOTICE in out
+    out, report = safety.validate("Rest and fluids help.", {"message": "my throat is swelling after peanuts and I can't breathe"})
+    assert report["emergency"] and out.startswith("Call") and answer.NOTICE in out
+    out, report = safety.validate("Rest and fluids help a cold.", {"message": "I have a cold"})
+    assert report == {**report, "risk_level": "LOW", "warnings": [], "emergency": False}
+    with pytest.raises(TypeError, match="answer text"):
+        safety.validate({"answer": "x"}, {})
+
+
+# ---------------------------------------------------------------- the agent
+def test_agent_reply_contract_memory_across_sessions_and_async(make_agent):
+    agent = make_agent()
+    r = agent.chat("Hi, I'm 40 and allergic to penicillin.", patient_id="p1", session_id="a")
+    assert r.memory["allergies"] == ["penicillin"] and agent.memory("p1")["allergies"] == ["penicillin"]
+    agent.close()
+    agent = make_agent()  # a new agent on the same store, a new session
+    r = asyncio.run(agent.achat("I have tonsillitis. What medicine should I take?", patient_id="p1"))
+    d = r.to_dict()
+    assert {"session_id", "patient_id", "answer", "citations", "triage", "reasoning", "audit_rounds",
+            "safety_report", "notice"} <= set(d)
+    assert d["session_id"] != "a" and d["triage"]["level"] in ("LOW", "MEDIUM", "HIGH") and d["triage"]["reason"]
+    assert {"risk_level", "warnings"} <= set(d["safety_report"]) and d["notice"] in d["answer"]
+    assert all({"id", "text"} <= set(c) for c in d["citations"]) and d["citations"]
+    assert "phenoxymethylpenicillin" in r.draft and len(d["audit_rounds"]) >= 2
+    final = answer.parse(d["answer"], agent.extractor.drug_ids)
+    assert "phenoxymethylpenicillin" not in answer.recommended_drugs(final)
+    assert json.dumps(d)  # serialisable for the serving API
+    counts = agent.store.counts()
+    assert counts["turns"] == 2 and counts["audits"] >= 2 and counts["tool_calls"] >= 2 and counts["retrieved"] > 0
+    with pytest.raises(ValueError, match="non-empty"):
+        agent.chat("   ", patient_id="p1")
+
+
+def test_emergency_answer_starts_with_the_instruction(make_agent):
+    r = make_agent().chat("My chest feels crushed and I'm sweating", patient_id="p9")
+    assert r.triage["level"] == "HIGH" and r.answer.startswith("Call emergency services") and answer.NOTICE in r.answer
+
+
+def test_scenario_file_errors_name_row_and_field(tmp_path, kb):
+    bad = tmp_path / "s.yaml"
+    bad.write_text("- {id: a, kind: allergy, sessions: [[hi, there]], expect: {must_avoid: [notadrug]}}\n")
+    with pytest.raises(scenarios.ScenarioError, match=r"row 0 \(a\): field `expect.must_avoid`"):
+        scenarios.load(bad, kb)
+    bad.write_text("- {id: b, kind: allergy, sessions: [[only one]], expect: {triage: LOW}}\n")
+    with pytest.raises(scenarios.ScenarioError, match=r"row 0 \(b\): field `sessions`"):
+        scenarios.load(bad, kb)
+
+
+def test_scenario_suite_meets_the_targets(make_agent, kb):
+    suite = scenarios.load(kb=kb)
+    assert len(suite) >= 60 and {"allergy", "ddi", "emergency", "paediatric", "pregnancy", "benign", "memory"} <= {
+        s["kind"] for s in suite}
+    probe = make_agent()
+    results = scenarios.run(make_agent, suite, probe.extractor.drug_ids, kb)
+    m = scenarios.metrics(results)
+    assert m["agent.intercept_rate"] == 1.0 and m["agent.emergency_recall"] >= 0.98
+    assert m["agent.false_alarm_rate"] <= 0.10 and m["agent.memory_recall"] == 1.0
+    assert m["agent.tool_success"] == 1.0 and m["agent.notice_rate"] == 1.0
+    assert m["agent.draft_unsafe_rate"] > 0.5  # the drafts really were unsafe: the auditor did the work
+
+
+def test_headless_chat_cell_plays_the_script(make_agent, monkeypatch):
+    monkeypatch.setenv("MEDKIT_HEADLESS", "1")
+    shown = []
+    monkeypatch.setattr("IPython.display.display", lambda obj: shown.append(obj))
+    ui = widget.chat_cell(make_agent(), ["I take warfarin.", "Can I take ibuprofen for my knee?"], patient_id="w")
+    html = shown[0].data
+    assert len(ui.turns) == 2 and "medkit-badge" in html and "[E1]" in html and "Reasoning" in html
+    assert "warfarin" in html  # the memory panel
+
+
+def test_interactive_widget_sends_on_submit(make_agent):
+    pytest.importorskip("ipywidgets")
+    ui = widget.ChatUI(make_agent(), "w2")
+    ui.widget()
+    ui.input.value = "I have crushing chest pain and I'm sweating"
+    assert ui.input.value == "" and "Triage HIGH" in ui.badge.value and "Call emergency" in ui.conversation.value
+    ui.memory_value.value = "penicillin"
+    ui._remember(None)
+    assert "penicillin" in ui.memory_view.value
+    ui._forget(None)
+    assert "penicillin" not in ui.memory_view.value
+
+
+class ScriptedWriter:
+    """Stands in for the GPU profile's LLM (medkit.agent.llm.LLMWriter) with fixed text, so the
+    test checks what the rule auditor does to an LLM's draft; it is not a model."""
+
+    def __init__(self):
+        self.refine_calls = []
+
+    def draft(self, message, memory, summary, evidence):
+        return "Amoxicillin 500 mg three times a day treats it [E1]. Rest helps everyone."
+
+    def refine(self, text, critique, evidence):
+        self.refine_calls.append(critique)
+        return text
+
+    def summarise(self, turns):
+        return "summary of %d turns" % len(turns)
+
+
+def test_llm_drafts_are_audited_like_rule_drafts(kb, corpus, tmp_path):
+    bm25, passages = corpus
+    writer = ScriptedWriter()
+    agent = MedicalAgent(kb, bm25, tmp_path / "llm.sqlite", {"mode": "llm", "memory_token_budget": 30,
+                                                               "keep_recent_turns": 1}, passages, llm=writer)
+    agent.chat("I'm allergic to penicillin.", patient_id="p", session_id="s")
+    r = agent.chat("I have an ear infection. What antibiotic should I take?", patient_id="p", session_id="s")
+    types = {i["type"] for i in r.audit_rounds[0]["issues"]}
+    assert {"allergy", "uncited"} <= types and writer.refine_calls
+    final = answer.parse(r.answer, agent.extractor.drug_ids)
+    assert "amoxicillin" not in answer.recommended_drugs(final) and "Rest helps everyone" not in r.answer
+    assert agent.store.summary("s")[0].startswith("summary of")  # the LLM summarises past the budget
+    with pytest.raises(ValueError, match="needs an LLMWriter"):
+        MedicalAgent(kb, bm25, tmp_path / "x.sqlite", {"mode": "llm"}, passages)
+
+
+def test_red_flags_match_word_forms_and_use_the_previous_message(kb):
+    assert triage.triage(kb, "I have been thinking about killing myself tonight").level == "HIGH"
+    assert triage.triage(kb, "Her arm suddenly went weak").level == "HIGH"
+    assert triage.triage(kb, "I feel faint").level == "LOW"
+    assert triage.triage(kb, "I feel faint", context="I got stung by a wasp.").level == "HIGH"
+    assert triage.triage(kb, "I'm not thinking about killing myself, just tired").level == "LOW"
+    assert triage.normalise("Killing swollen lips") == "kill swell lip"
+
+
+def test_held_out_scenarios_load_and_run(make_agent, kb):
+    suite = scenarios.load(scenarios.paths.data_dir() / "agent" / "scenarios_holdout.yaml", kb)
+    results = scenarios.run(make_agent, suite, make_agent().extractor.drug_ids, kb)
+    m = scenarios.metrics(results)
+    assert m["agent.scenarios"] == len(suite) >= 20 and m["agent.notice_rate"] == 1.0
+    assert m["agent.false_alarm_rate"] <= 0.10  # reported, not tuned: only the floor is checked
