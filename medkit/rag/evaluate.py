@@ -69,14 +69,15 @@ def evaluate(retriever: pipeline.HybridRetriever, questions: list[str], relevant
 
 
 def tune_fusion(retriever: pipeline.HybridRetriever, questions: list[str], relevant: list[set[str]],
-                grid=(0.1, 0.2, 0.3, 0.4, 0.5), use_rewrite: bool = True, k: int = 10) -> dict[str, Any]:
+                grid=(0.05, 0.1, 0.2, 0.3, 0.4, 0.5), use_rewrite: bool = True, k: int = 10) -> dict[str, Any]:
     """Choose the BM25 weight of weighted fusion on *tuning* questions (never the test ones):
     each retriever is queried once per question and the rankings are fused for every weight in
     ``grid``; the best recall@5 wins (ties: MRR@10, then the smaller BM25 weight)."""
     q_runs = []
     for q in questions:
         qq = retriever.rewrite(q) if (use_rewrite and retriever.rewrite) else q
-        q_runs.append((retriever.bm25.search(qq, k), retriever.dense.search(qq, k)))
+        pool = max(k, retriever.fusion_pool)
+        q_runs.append((retriever.bm25.search(qq, pool), retriever.dense.search(qq, pool)))
     scores = []
     for w in grid:
         runs = [([d for d, _ in fusion.weighted_score_fusion([b, dn], [w, 1 - w], top=k)], g)
