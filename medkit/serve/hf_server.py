@@ -195,9 +195,10 @@ def create_app(model_dir: str, mode: str = "naive", served_model_name: str = "me
 
             async def events():
                 yield chunk({"role": "assistant", "content": ""})
-                said = ""
-                async for _ in tokens():
-                    text_now = tok.decode(job.tokens, skip_special_tokens=True)
+                said, made = "", 0
+                async for _ in tokens():  # one chunk per token, as vLLM and llama.cpp stream
+                    made += 1
+                    text_now = tok.decode(job.tokens[:made], skip_special_tokens=True)
                     if len(text_now) > len(said):
                         yield chunk({"content": text_now[len(said):]})
                         said = text_now

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -41,75 +40,142 @@ def percentile(values: list[float], q: float) -> float | None:
     return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 
 
-async def one_request(client, model: str, prompt: str, max_tokens: int, extra: dict[str, Any]) -> dict[str, Any]:
-    t0 = time.perf_counter()
-    ttft = None
-    chunks = 0
-    usage_tokens = None
+async def one_request(client, model: str, prompt: str, max_tokens: int, extra: dict[str, Any],
+                      rec: dict[str, Any]) -> None:
+    """Stream one chat request, filling ``rec`` as chunks arrive (so a request cut off at the
+    end of a timed window still counts the tokens it received)."""
+    t0 = rec["start"] = time.perf_counter()
     stream = await client.chat.completions.create(
         model=model, messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens,
         temperature=0.0, stream=True, stream_options={"include_usage": True}, **extra)
     async for chunk in stream:
         if chunk.choices and chunk.choices[0].delta.content:
-            chunks += 1
-            if ttft is None:
-                ttft = time.perf_counter() - t0
+            rec["tokens"] += 1  # one token per chunk while streaming
+            if rec["ttft_s"] is None:
+                rec["ttft_s"] = time.perf_counter() - t0
         if getattr(chunk, "usage", None) is not None:
-            usage_tokens = chunk.usage.completion_tokens
-    latency = time.perf_counter() - t0
-    # engines that send no usage stream one token per chunk
-    return {"ttft_s": ttft if ttft is not None else latency, "latency_s": latency,
-            "tokens": usage_tokens if usage_tokens is not None else chunks}
+            rec["usage_tokens"] = chunk.usage.completion_tokens
+    rec["latency_s"] = time.perf_counter() - t0
+    rec["done"] = True
+    if rec.get("usage_tokens") is not None:  # the engine's own count is exact
+        rec["tokens"] = rec["usage_tokens"]
 
 
-async def run_level(base_url: str, model: str, concurrency: int, n_requests: int, max_tokens: int = 32,
-                    api_key: str = "none", timeout_s: float = 300.0, extra: dict[str, Any] | None = None,
+async def run_level(base_url: str, model: str, concurrency: int, n_requests: int | None = None,
+                    max_tokens: int = 32, duration_s: float | None = None, api_key: str = "none",
+                    timeout_s: float = 300.0, extra: dict[str, Any] | None = None,
                     prompts: list[str] | None = None) -> dict[str, Any]:
-    """``n_requests`` requests, at most ``concurrency`` in flight. Errors are counted, not raised."""
+    """One concurrency level. Either ``n_requests`` requests with at most ``concurrency`` in
+    flight, or (``duration_s``) ``concurrency`` clients that send requests back to back for that
+    long; requests still open at the end are cut off: their tokens so far count, and their wait
+    so far enters TTFT/latency as a lower bound (``cut_off`` says how many). Errors are
+    counted, not raised."""
     import openai
 
-    if concurrency < 1 or n_requests < 1:
-        raise ValueError(f"concurrency and n_requests must be >= 1, got {concurrency}, {n_requests}")
+    if concurrency < 1 or (n_requests is not None and n_requests < 1) or (duration_s is not None and duration_s <= 0):
+        raise ValueError(f"concurrency, n_requests and duration_s must be positive, got "
+                         f"{concurrency}, {n_requests}, {duration_s}")
+    if (n_requests is None) == (duration_s is None):
+        raise ValueError("give exactly one of n_requests and duration_s")
     prompts = prompts or PROMPTS
     client = openai.AsyncOpenAI(base_url=base_url, api_key=api_key, max_retries=0, timeout=timeout_s)
-    sem = asyncio.Semaphore(concurrency)
-    results: list[dict[str, Any]] = []
+    records: list[dict[str, Any]] = []
     errors: list[str] = []
+    counter = iter(range(10**9))
 
-    async def worker(i: int) -> None:
-        async with sem:
-            try:
-                results.append(await one_request(client, model, prompts[i % len(prompts)], max_tokens, extra or {}))
-            except Exception as e:  # an error is a measurement here
-                errors.append(f"{type(e).__name__}: {str(e)[:200]}")
+    async def send() -> None:
+        i = next(counter)
+        rec = {"start": time.perf_counter(), "ttft_s": None, "latency_s": None, "tokens": 0, "done": False}
+        records.append(rec)
+        try:
+            await one_request(client, model, prompts[i % len(prompts)], max_tokens, extra or {}, rec)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # an error is a measurement here
+            rec["error"] = True
+            errors.append(f"{type(e).__name__}: {str(e)[:200]}")
 
     t0 = time.perf_counter()
-    await asyncio.gather(*(worker(i) for i in range(n_requests)))
+    if duration_s is None:
+        sem = asyncio.Semaphore(concurrency)
+
+        async def limited() -> None:
+            async with sem:
+                await send()
+
+        await asyncio.gather(*(limited() for _ in range(n_requests)))
+    else:
+        deadline = t0 + duration_s
+
+        async def user() -> None:
+            while time.perf_counter() < deadline:
+                await send()
+
+        tasks = [asyncio.ensure_future(user()) for _ in range(concurrency)]
+        await asyncio.wait(tasks, timeout=duration_s)
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
     wall = time.perf_counter() - t0
+    end = t0 + wall
     await client.close()
-    tokens = sum(r["tokens"] for r in results)
-    ttft = [r["ttft_s"] * 1000 for r in results]
-    lat = [r["latency_s"] * 1000 for r in results]
-    return {"concurrency": concurrency, "requests": n_requests, "ok": len(results), "errors": len(errors),
-            "error_examples": errors[:3], "tokens": tokens, "wall_s": round(wall, 3),
-            "tok_s": round(tokens / wall, 2) if wall > 0 else 0.0,
+    ok = [r for r in records if not r.get("error")]
+    cut = [r for r in ok if not r["done"]]
+    tokens = sum(r["tokens"] for r in ok)
+    ttft = [(r["ttft_s"] if r["ttft_s"] is not None else end - r["start"]) * 1000 for r in ok]
+    lat = [((r["latency_s"] if r["done"] else end - r["start"])) * 1000 for r in ok]
+    return {"concurrency": concurrency, "requests": len(records), "completed": len(ok) - len(cut),
+            "cut_off": len(cut), "errors": len(errors), "error_examples": errors[:3], "tokens": tokens,
+            "wall_s": round(wall, 3), "tok_s": round(tokens / wall, 2) if wall > 0 else 0.0,
             "ttft_p50_ms": percentile(ttft, 50), "ttft_p95_ms": percentile(ttft, 95),
-            "latency_p50_ms": percentile(lat, 50), "latency_p95_ms": percentile(lat, 95),
-            "mean_tokens": statistics.mean(r["tokens"] for r in results) if results else 0}
-
-
-def requests_for(concurrency: int, minimum: int = 4) -> int:
-    """One full wave at each level (at least ``minimum`` requests)."""
-    return max(concurrency, minimum)
+            "latency_p50_ms": percentile(lat, 50), "latency_p95_ms": percentile(lat, 95)}
 
 
 def sweep(base_url: str, model: str, concurrencies: list[int], max_tokens: int = 32,
-          extra: dict[str, Any] | None = None, api_key: str = "none", warmup: int = 2) -> list[dict[str, Any]]:
-    """Every concurrency level against one engine, after ``warmup`` unmeasured requests."""
+          duration_s: float | None = 6.0, extra: dict[str, Any] | None = None, api_key: str = "none",
+          warmup: int = 2) -> list[dict[str, Any]]:
+    """Every concurrency level against one engine, after ``warmup`` unmeasured requests.
+    ``duration_s`` None: one full wave of ``concurrency`` requests per level instead."""
     if warmup:
         asyncio.run(run_level(base_url, model, warmup, warmup, max_tokens=4, extra=extra, api_key=api_key))
-    return [asyncio.run(run_level(base_url, model, c, requests_for(c), max_tokens, api_key=api_key, extra=extra))
+    return [asyncio.run(run_level(base_url, model, c, None if duration_s else max(c, 4), max_tokens,
+                                  duration_s=duration_s, api_key=api_key, extra=extra))
             for c in concurrencies]
+
+
+def compare(engines: dict[str, Any], concurrencies: list[int], max_tokens: int = 32,
+            duration_s: float | None = 6.0, extra: dict[str, dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """Start each engine (an :class:`~medkit.serve.engines.EngineServer`, not yet started) in
+    turn, sweep it, stop it. Only one engine runs at a time, so they do not share the CPU.
+    Returns one row per (engine, concurrency) with ``engine`` and ``startup_s``."""
+    rows = []
+    for name, server in engines.items():
+        with server:
+            for r in sweep(server.url, "medkit", concurrencies, max_tokens, duration_s,
+                           extra=(extra or {}).get(name)):
+                rows.append({"engine": name, "startup_s": round(server.startup_s or 0.0, 1), **r})
+    return rows
+
+
+def plot(rows: list[dict[str, Any]]):
+    """Throughput, TTFT p95 and latency p95 against concurrency, one line per engine."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    for name in dict.fromkeys(r["engine"] for r in rows):
+        mine = [r for r in rows if r["engine"] == name]
+        xs = [r["concurrency"] for r in mine]
+        for ax, key in zip(axes, ("tok_s", "ttft_p95_ms", "latency_p95_ms")):
+            ax.plot(xs, [r[key] or 0 for r in mine], marker="o", label=name)
+    for ax, title in zip(axes, ("throughput (tokens/s)", "TTFT p95 (ms)", "latency p95 (ms)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("concurrent clients")
+        ax.set_title(title)
+    axes[1].set_yscale("log")
+    axes[2].set_yscale("log")
+    axes[0].legend()
+    fig.tight_layout()
+    return fig
 
 
 def benchmark_model(out_dir: str | Path, tokenizer_dir: str | Path, hidden: int = 512, layers: int = 8,
@@ -152,13 +218,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--concurrency", default="1,8,32,64")
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--api-key", default="none")
+    ap.add_argument("--seconds", type=float, default=6.0, help="time per level (0: one wave of requests)")
     ap.add_argument("--out", default=None, help="write the rows as JSON here")
     args = ap.parse_args(argv)
     try:
         levels = [int(c) for c in args.concurrency.split(",") if c.strip()]
     except ValueError:
         ap.error(f"--concurrency: comma-separated integers, got {args.concurrency!r}")
-    rows = sweep(args.base_url, args.model, levels, args.max_tokens, api_key=args.api_key)
+    rows = sweep(args.base_url, args.model, levels, args.max_tokens, duration_s=args.seconds or None,
+                 api_key=args.api_key)
     for r in rows:
         print(f"c={r['concurrency']:>3}  {r['tok_s']:>8.1f} tok/s  ttft p95 {r['ttft_p95_ms'] or 0:>8.0f} ms  "
               f"latency p95 {r['latency_p95_ms'] or 0:>8.0f} ms  errors {r['errors']}")
