@@ -58,7 +58,12 @@ PROFILES: dict[str, dict[str, Any]] = {
                     "lora": {"r": 16, "alpha": 16, "dropout": 0.0, "target_modules": _LLAMA_ALL}},
             "rag": {"embedder": "offline-minilm", "reranker": "train-here", "top_k": 10, "rerank_k": 3},
             "eval": {"bertscore_model": "offline-minilm"},
-            "serve": {"engine": "vllm-cpu", "max_model_len": 256, "tensor_parallel_size": 1},
+            # vLLM on 2 CPU cores; the load benchmark runs on a ~28M-parameter decoder built here
+            # (the tiny SFT model is so small that every engine is bound by per-request overhead)
+            "serve": {"engine": "vllm-cpu", "max_model_len": 256, "tensor_parallel_size": 1,
+                      "pipeline_parallel_size": 1, "kv_cache_gib": 1, "max_tokens_cap": 128,
+                      "bench_model": {"hidden": 512, "layers": 8, "heads": 8, "intermediate": 1408},
+                      "bench_concurrency": [1, 8, 32, 64], "bench_seconds": 4, "bench_max_tokens": 32},
         },
     },
     "colab-t4": {
@@ -90,7 +95,10 @@ PROFILES: dict[str, dict[str, Any]] = {
             "rag": {"embedder": "BAAI/bge-small-en-v1.5", "reranker": "BAAI/bge-reranker-base",
                     "top_k": 10, "rerank_k": 3},
             "eval": {"bertscore_model": "microsoft/deberta-xlarge-mnli"},
-            "serve": {"engine": "vllm", "max_model_len": 2048, "tensor_parallel_size": 1},
+            "serve": {"engine": "vllm", "max_model_len": 2048, "tensor_parallel_size": 1,
+                      "pipeline_parallel_size": 1, "kv_cache_gib": 0, "max_tokens_cap": 512,
+                      "bench_model": "artifact:sft_model", "bench_concurrency": [1, 8, 32, 64],
+                      "bench_seconds": 20, "bench_max_tokens": 128},
         },
     },
     "gpu-24gb": {
@@ -121,7 +129,10 @@ PROFILES: dict[str, dict[str, Any]] = {
             "rag": {"embedder": "BAAI/bge-m3", "reranker": "BAAI/bge-reranker-v2-m3",
                     "top_k": 10, "rerank_k": 3},
             "eval": {"bertscore_model": "microsoft/deberta-xlarge-mnli"},
-            "serve": {"engine": "vllm", "max_model_len": 4096, "tensor_parallel_size": 1},
+            "serve": {"engine": "vllm", "max_model_len": 4096, "tensor_parallel_size": 1,
+                      "pipeline_parallel_size": 1, "kv_cache_gib": 0, "max_tokens_cap": 512,
+                      "bench_model": "artifact:sft_model", "bench_concurrency": [1, 8, 32, 64],
+                      "bench_seconds": 20, "bench_max_tokens": 128},
         },
     },
 }

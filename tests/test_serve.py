@@ -199,6 +199,25 @@ def test_hf_server_greedy_matches_generate_and_batching_changes_nothing(model_di
     assert [g.strip() for g in got] == want
 
 
+def test_hf_server_stops_work_for_a_client_that_went_away(model_dir, tmp_path):
+    import openai
+
+    port = engines.free_port()
+    with _start(engines.hf_command(model_dir, port, mode="naive", threads=1), port, "gone", tmp_path) as server:
+        client = openai.OpenAI(base_url=server.url, api_key="none", max_retries=0)
+        ask = dict(model="medkit", messages=[{"role": "user", "content": "What is asthma?"}], temperature=0.0,
+                   logit_bias={"0": -100, "1": -100, "2": -100})  # no end token: it runs to max_tokens
+        t0 = time.perf_counter()
+        client.chat.completions.create(max_tokens=400, **ask)
+        full = time.perf_counter() - t0
+        stream = client.chat.completions.create(max_tokens=400, stream=True, **ask)
+        next(iter(stream)); next(iter(stream))
+        stream.close()  # hang up after two chunks
+        t0 = time.perf_counter()
+        client.chat.completions.create(max_tokens=2, **ask)
+        assert time.perf_counter() - t0 < full / 2, "the abandoned request was generated to the end first"
+
+
 # --- the API gateway ----------------------------------------------------------------------
 
 @pytest.fixture

@@ -81,9 +81,11 @@ def vllm_env(kv_cache_gib: int = 1, threads: int | None = None) -> dict[str, str
 
 def llamacpp_command(gguf_path: str | Path, port: int, served_model_name: str = "medkit",
                      n_ctx: int = 512, threads: int | None = None, host: str = "127.0.0.1") -> list[str]:
-    """llama-cpp-python's OpenAI-compatible server on a GGUF file (chat template from the file)."""
+    """llama-cpp-python's OpenAI-compatible server on a GGUF file (chat template from the file).
+    Its default lets a new request interrupt the one streaming; here requests queue instead."""
     cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf_path), "--model_alias",
-           served_model_name, "--host", host, "--port", str(port), "--n_ctx", str(n_ctx)]
+           served_model_name, "--host", host, "--port", str(port), "--n_ctx", str(n_ctx),
+           "--interrupt_requests", "False"]
     if threads:
         cmd += ["--n_threads", str(threads)]
     return cmd
@@ -106,11 +108,12 @@ class EngineServer:
 
     def __init__(self, command: list[str], port: int, name: str = "engine", log_path: str | Path | None = None,
                  env: dict[str, str] | None = None, host: str = "127.0.0.1", start_timeout: float = 300.0,
-                 stop_timeout: float = 20.0):
+                 stop_timeout: float = 20.0, health_path: str = "/v1/models"):
         self.command, self.port, self.name, self.host = list(command), int(port), name, host
         self.log_path = Path(log_path) if log_path else paths.cache_dir() / "serve-logs" / f"{name}-{port}.log"
         self.env = dict(env or {})
         self.start_timeout, self.stop_timeout = start_timeout, stop_timeout
+        self.health_path = health_path
         self.proc: subprocess.Popen | None = None
         self.startup_s: float | None = None
 
@@ -127,7 +130,7 @@ class EngineServer:
         import httpx
 
         try:
-            return httpx.get(self.url + "/models", timeout=2.0).status_code == 200
+            return httpx.get(self.base_url + self.health_path, timeout=2.0).status_code == 200
         except httpx.HTTPError:
             return False
 

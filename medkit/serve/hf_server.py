@@ -35,6 +35,7 @@ class _Job:
     loop: asyncio.AbstractEventLoop
     out: asyncio.Queue
     tokens: list[int] = field(default_factory=list)
+    cancelled: bool = False  # the client went away: stop spending steps on it
 
 
 class BatchDecoder:
@@ -103,6 +104,8 @@ class BatchDecoder:
                 logits = out.logits[:, -1, :].float()
                 next_ids = []
                 for i, j in enumerate(jobs):
+                    if j.cancelled and not done[i]:
+                        done[i] = True
                     row = logits[i]
                     for tid, bias in j.logit_bias.items():
                         row[tid] += bias
@@ -194,20 +197,24 @@ def create_app(model_dir: str, mode: str = "naive", served_model_name: str = "me
             include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
 
             async def events():
-                yield chunk({"role": "assistant", "content": ""})
-                said, made = "", 0
-                async for _ in tokens():  # one chunk per token, as vLLM and llama.cpp stream
-                    made += 1
-                    text_now = tok.decode(job.tokens[:made], skip_special_tokens=True)
-                    if len(text_now) > len(said):
-                        yield chunk({"content": text_now[len(said):]})
-                        said = text_now
-                finish = "length" if len(job.tokens) >= max_tokens else "stop"
-                yield chunk({}, finish)
-                if include_usage:
-                    yield chunk({}, usage={"prompt_tokens": len(prompt_ids), "completion_tokens": len(job.tokens),
-                                           "total_tokens": len(prompt_ids) + len(job.tokens)})
-                yield "data: [DONE]\n\n"
+                try:
+                    yield chunk({"role": "assistant", "content": ""})
+                    said, made = "", 0
+                    async for _ in tokens():  # one chunk per token, as vLLM and llama.cpp stream
+                        made += 1
+                        text_now = tok.decode(job.tokens[:made], skip_special_tokens=True)
+                        if len(text_now) > len(said):
+                            yield chunk({"content": text_now[len(said):]})
+                            said = text_now
+                    finish = "length" if len(job.tokens) >= max_tokens else "stop"
+                    yield chunk({}, finish)
+                    if include_usage:
+                        yield chunk({}, usage={"prompt_tokens": len(prompt_ids),
+                                               "completion_tokens": len(job.tokens),
+                                               "total_tokens": len(prompt_ids) + len(job.tokens)})
+                    yield "data: [DONE]\n\n"
+                finally:  # also when the client disconnects and the stream is cancelled
+                    job.cancelled = True
 
             return StreamingResponse(events(), media_type="text/event-stream")
 

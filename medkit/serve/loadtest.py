@@ -121,14 +121,28 @@ async def run_level(base_url: str, model: str, concurrency: int, n_requests: int
     await client.close()
     ok = [r for r in records if not r.get("error")]
     cut = [r for r in ok if not r["done"]]
+    empty = [r for r in ok if r["done"] and r["tokens"] == 0]  # "succeeded" with no answer
     tokens = sum(r["tokens"] for r in ok)
     ttft = [(r["ttft_s"] if r["ttft_s"] is not None else end - r["start"]) * 1000 for r in ok]
     lat = [((r["latency_s"] if r["done"] else end - r["start"])) * 1000 for r in ok]
     return {"concurrency": concurrency, "requests": len(records), "completed": len(ok) - len(cut),
-            "cut_off": len(cut), "errors": len(errors), "error_examples": errors[:3], "tokens": tokens,
+            "cut_off": len(cut), "errors": len(errors), "empty": len(empty), "error_examples": errors[:3], "tokens": tokens,
             "wall_s": round(wall, 3), "tok_s": round(tokens / wall, 2) if wall > 0 else 0.0,
             "ttft_p50_ms": percentile(ttft, 50), "ttft_p95_ms": percentile(ttft, 95),
             "latency_p50_ms": percentile(lat, 50), "latency_p95_ms": percentile(lat, 95)}
+
+
+def _run(coro):
+    """``asyncio.run`` that also works inside Jupyter (whose kernel already runs a loop): there
+    the coroutine runs on its own loop in a worker thread."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro)
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coro).result()
 
 
 def sweep(base_url: str, model: str, concurrencies: list[int], max_tokens: int = 32,
@@ -137,10 +151,18 @@ def sweep(base_url: str, model: str, concurrencies: list[int], max_tokens: int =
     """Every concurrency level against one engine, after ``warmup`` unmeasured requests.
     ``duration_s`` None: one full wave of ``concurrency`` requests per level instead."""
     if warmup:
-        asyncio.run(run_level(base_url, model, warmup, warmup, max_tokens=4, extra=extra, api_key=api_key))
-    return [asyncio.run(run_level(base_url, model, c, None if duration_s else max(c, 4), max_tokens,
+        _run(run_level(base_url, model, warmup, warmup, max_tokens=4, extra=extra, api_key=api_key))
+    return [_run(run_level(base_url, model, c, None if duration_s else max(c, 4), max_tokens,
                                   duration_s=duration_s, api_key=api_key, extra=extra))
             for c in concurrencies]
+
+
+def no_eos_bias(model_dir: str | Path) -> dict[str, int]:
+    """``logit_bias`` that forbids the end-of-turn token, so every engine generates exactly
+    ``max_tokens`` and the engines are compared on the same work."""
+    from transformers import AutoTokenizer
+
+    return {str(AutoTokenizer.from_pretrained(model_dir).eos_token_id): -100}
 
 
 def compare(engines: dict[str, Any], concurrencies: list[int], max_tokens: int = 32,
@@ -155,6 +177,30 @@ def compare(engines: dict[str, Any], concurrencies: list[int], max_tokens: int =
                            extra=(extra or {}).get(name)):
                 rows.append({"engine": name, "startup_s": round(server.startup_s or 0.0, 1), **r})
     return rows
+
+
+def four_backends(model_dir: str | Path, gguf_path: str | Path, log_dir: str | Path, max_model_len: int = 256,
+                  dtype: str = "float32", kv_cache_gib: int = 1, max_batch: int = 64,
+                  tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1) -> dict[str, Any]:
+    """The benchmark's engines, not started: (a) HF naive, (b) HF static batching, (c) llama.cpp
+    on the GGUF, (d) vLLM. Each gets a free loopback port and a log under ``log_dir``."""
+    from . import engines as e
+
+    log_dir = Path(log_dir)
+    ports = {name: e.free_port() for name in ("hf_naive", "hf_batch", "llamacpp", "vllm")}
+    kv_env = e.vllm_env(kv_cache_gib) if kv_cache_gib else {}
+    return {
+        "hf_naive": e.EngineServer(e.hf_command(model_dir, ports["hf_naive"], "naive"), ports["hf_naive"],
+                                   "hf_naive", log_dir / "hf_naive.log"),
+        "hf_batch": e.EngineServer(e.hf_command(model_dir, ports["hf_batch"], "batch", max_batch=max_batch),
+                                   ports["hf_batch"], "hf_batch", log_dir / "hf_batch.log"),
+        "llamacpp": e.EngineServer(e.llamacpp_command(gguf_path, ports["llamacpp"], n_ctx=max_model_len * 2),
+                                   ports["llamacpp"], "llamacpp", log_dir / "llamacpp.log"),
+        "vllm": e.EngineServer(e.vllm_command(model_dir, ports["vllm"], max_model_len=max_model_len, dtype=dtype,
+                                              max_num_seqs=max_batch, tensor_parallel_size=tensor_parallel_size,
+                                              pipeline_parallel_size=pipeline_parallel_size),
+                               ports["vllm"], "vllm", log_dir / "vllm.log", env=kv_env, start_timeout=600),
+    }
 
 
 def plot(rows: list[dict[str, Any]]):
