@@ -75,6 +75,11 @@ class BatchDecoder:
                     self.pending.put(None)
                     break
                 jobs.append(nxt)
+            for job in [j for j in jobs if j.cancelled]:  # hung up while queued: no work at all
+                job.loop.call_soon_threadsafe(job.out.put_nowait, None)
+            jobs = [j for j in jobs if not j.cancelled]
+            if not jobs:
+                continue
             try:
                 self._decode(jobs)
             except Exception as e:  # report to every waiting request, keep serving

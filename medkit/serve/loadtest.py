@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -183,18 +184,25 @@ def four_backends(model_dir: str | Path, gguf_path: str | Path, log_dir: str | P
                   dtype: str = "float32", kv_cache_gib: int = 1, max_batch: int = 64,
                   tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1) -> dict[str, Any]:
     """The benchmark's engines, not started: (a) HF naive, (b) HF static batching, (c) llama.cpp
-    on the GGUF, (d) vLLM. Each gets a free loopback port and a log under ``log_dir``."""
+    on the GGUF, (d) vLLM. Each gets a free loopback port and a log under ``log_dir``.
+
+    Threads: vLLM for CPU binds its model to ``cpu_count - 1`` cores and keeps one for its API
+    process; the others get the same number of compute threads, so all four do the model's
+    arithmetic on the same cores."""
     from . import engines as e
 
     log_dir = Path(log_dir)
     ports = {name: e.free_port() for name in ("hf_naive", "hf_batch", "llamacpp", "vllm")}
     kv_env = e.vllm_env(kv_cache_gib) if kv_cache_gib else {}
+    threads = max(1, (os.cpu_count() or 2) - 1)
     return {
-        "hf_naive": e.EngineServer(e.hf_command(model_dir, ports["hf_naive"], "naive"), ports["hf_naive"],
-                                   "hf_naive", log_dir / "hf_naive.log"),
-        "hf_batch": e.EngineServer(e.hf_command(model_dir, ports["hf_batch"], "batch", max_batch=max_batch),
+        "hf_naive": e.EngineServer(e.hf_command(model_dir, ports["hf_naive"], "naive", threads=threads),
+                                   ports["hf_naive"], "hf_naive", log_dir / "hf_naive.log"),
+        "hf_batch": e.EngineServer(e.hf_command(model_dir, ports["hf_batch"], "batch", max_batch=max_batch,
+                                                threads=threads),
                                    ports["hf_batch"], "hf_batch", log_dir / "hf_batch.log"),
-        "llamacpp": e.EngineServer(e.llamacpp_command(gguf_path, ports["llamacpp"], n_ctx=max_model_len * 2),
+        "llamacpp": e.EngineServer(e.llamacpp_command(gguf_path, ports["llamacpp"], n_ctx=max_model_len * 2,
+                                                     threads=threads),
                                    ports["llamacpp"], "llamacpp", log_dir / "llamacpp.log"),
         "vllm": e.EngineServer(e.vllm_command(model_dir, ports["vllm"], max_model_len=max_model_len, dtype=dtype,
                                               max_num_seqs=max_batch, tensor_parallel_size=tensor_parallel_size,
