@@ -7,6 +7,7 @@
 * :mod:`.gguf_export` merged model → GGUF (f16, q8_0) and a transformers ↔ llama.cpp parity check
 * :mod:`.api`         the async FastAPI gateway: ``/health``, ``/generate``, ``/chat``, SSE,
                       API key off loopback, limits, graceful shutdown, N replicas
+* :mod:`.pool`        replicas behind one client (least requests in flight first)
 * :mod:`.loadtest`    the load benchmark (``python -m medkit.serve.loadtest``) and its model
 
 Only :mod:`.engines` is imported here: the rest load FastAPI, transformers or llama.cpp when used.
