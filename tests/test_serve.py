@@ -136,11 +136,36 @@ def test_chat_template_loses_only_the_generation_markers():
         "{% endgeneration %}", "").replace(" ", "")
 
 
+# digits and contractions are where GPT-2's and Qwen2's pre-tokenizer splits differ
+PARITY_PROMPTS = ["What is asthma?", "Is 38.5 degrees a fever? I took 1000 mg at 10:30, DON'T I'LL"]
+
+
 def test_gguf_export_matches_transformers(model_dir, tmp_path):
     f32 = gguf_export.export(model_dir, tmp_path / "m-f32.gguf", "f32")
-    result = gguf_export.parity(model_dir, f32, ["What is asthma?", "Is a fever dangerous?"], n_tokens=12)
+    result = gguf_export.parity(model_dir, f32, PARITY_PROMPTS, n_tokens=12)
     assert all(r["prompt_tokens_equal"] for r in result["rows"]), result["rows"]
     assert result["match"], [(r["hf_ids"], r["llamacpp_ids"]) for r in result["rows"]]
+
+
+def test_gguf_export_of_a_llama_layout_permutes_rope_and_matches(tmp_path):
+    from medkit import tiny
+
+    tok = tiny.family_tokenizer(tiny.train_tokenizer(TEXTS, vocab_size=400), "llama")
+    path = tmp_path / "llama"
+    tiny.new_model("llama", tok, {"hidden_size": 64, "layers": 2, "heads": 4}, seed=1).save_pretrained(path)
+    tok.save_pretrained(path)
+    gguf = gguf_export.export(path, tmp_path / "llama-f32.gguf", "f32")
+    assert gguf_export.parity(path, gguf, PARITY_PROMPTS, n_tokens=10)["match"]
+
+
+def test_pre_tokenizer_name_is_read_not_assumed():
+    qwen = {"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": gguf_export.QWEN2_SPLIT}, "behavior": "Isolated", "invert": False},
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]}
+    assert gguf_export.pre_tokenizer_name({"pre_tokenizer": qwen}) == "qwen2"
+    assert gguf_export.pre_tokenizer_name({"pre_tokenizer": {"type": "ByteLevel", "use_regex": True}}) == "gpt-2"
+    with pytest.raises(ValueError, match="convert_hf_to_gguf"):
+        gguf_export.pre_tokenizer_name({"pre_tokenizer": {"type": "Whitespace"}})
 
 
 def test_gguf_quantized_file_is_smaller_and_loads(model_dir, tmp_path):

@@ -2,9 +2,9 @@
 
 llama.cpp's own converter recognises BPE pre-tokenizers by hashing known models' outputs, so it
 refuses the tokenizer trained here. This writer uses the ``gguf`` package's ``GGUFWriter``
-directly and states the tokenizer as GPT-2-style byte-level BPE (``tokenizer.ggml.model =
-"gpt2"``, ``tokenizer.ggml.pre = "gpt-2"``), which is what ``medkit.tiny.train_tokenizer``
-builds. ``parity`` then checks that llama.cpp tokenizes and greedily decodes like transformers.
+directly and states the tokenizer as byte-level BPE (``tokenizer.ggml.model = "gpt2"``) with the
+pre-tokenizer split read from ``tokenizer.json`` (``gpt-2`` or ``qwen2``: they cut digits
+differently). ``parity`` then checks that llama.cpp tokenizes and greedily decodes like transformers.
 
     path = export(model_dir, out_dir / "model-f16.gguf", "f16")
     parity(model_dir, path, prompts, n_tokens=16)  # {"match": True, ...}
@@ -30,11 +30,34 @@ def _permute_rope(w, n_head: int):
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+# Qwen2's pre-tokenizer split (digits one by one, case-insensitive contractions); llama.cpp knows it
+# as pre-tokenizer "qwen2". transformers saves the course's tiny Qwen2 tokenizers with it too.
+QWEN2_SPLIT = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+
+
+def pre_tokenizer_name(spec: dict[str, Any]) -> str:
+    """llama.cpp's name for the pre-tokenizer in a ``tokenizer.json``: ``gpt-2`` for plain
+    byte-level BPE (GPT-2's split), ``qwen2`` for Qwen2's split + byte level. The split decides
+    how digits and contractions become tokens, so a wrong name changes the token ids."""
+    pre = spec.get("pre_tokenizer") or {}
+    if pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
+        return "gpt-2"
+    parts = pre.get("pretokenizers") or []
+    if (pre.get("type") == "Sequence" and len(parts) == 2 and parts[0].get("type") == "Split"
+            and (parts[0].get("pattern") or {}).get("Regex") == QWEN2_SPLIT
+            and parts[1].get("type") == "ByteLevel" and not parts[1].get("use_regex", True)):
+        return "qwen2"
+    raise ValueError(f"pre-tokenizer {json.dumps(pre)[:200]} is neither GPT-2's nor Qwen2's byte-level split; "
+                     f"for other hub models use llama.cpp's convert_hf_to_gguf.py")
+
+
 def _tokenizer_fields(model_dir: Path) -> dict[str, Any]:
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_dir)
-    spec = json.loads((model_dir / "tokenizer.json").read_text())
+    # what transformers actually runs: for a qwen2 model it applies Qwen2's split even when
+    # tokenizer.json on disk says plain byte level
+    spec = json.loads(tok.backend_tokenizer.to_str())
     if spec["model"].get("type") != "BPE" or "ByteLevel" not in json.dumps(spec.get("pre_tokenizer")):
         raise ValueError(f"{model_dir}: only byte-level BPE tokenizers (GPT-2 style) are exported; "
                          f"got model {spec['model'].get('type')!r}")
@@ -48,7 +71,7 @@ def _tokenizer_fields(model_dir: Path) -> dict[str, Any]:
         tokens[added["id"]] = added["content"]
         types[added["id"]] = 3 if added.get("special") else 4  # CONTROL / USER_DEFINED
     merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"].get("merges", [])]
-    return {"tok": tok, "tokens": tokens, "types": types, "merges": merges}
+    return {"tok": tok, "tokens": tokens, "types": types, "merges": merges, "pre": pre_tokenizer_name(spec)}
 
 
 def export(model_dir: str | Path, out_path: str | Path, quant: str = "f16") -> Path:
@@ -87,7 +110,7 @@ def export(model_dir: str | Path, out_path: str | Path, quant: str = "f16") -> P
     w.add_layer_norm_rms_eps(float(cfg.rms_norm_eps))
     w.add_file_type({"f32": 0, "f16": 1, "q8_0": 7}[quant])
     w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("gpt-2")
+    w.add_tokenizer_pre(t["pre"])
     w.add_token_list(t["tokens"])
     w.add_token_types(t["types"])
     w.add_token_merges(t["merges"])
