@@ -148,11 +148,14 @@ def _run(coro):
 
 def sweep(base_url: str, model: str, concurrencies: list[int], max_tokens: int = 32,
           duration_s: float | None = 6.0, extra: dict[str, Any] | None = None, api_key: str = "none",
-          warmup: int = 2) -> list[dict[str, Any]]:
-    """Every concurrency level against one engine, after ``warmup`` unmeasured requests.
-    ``duration_s`` None: one full wave of ``concurrency`` requests per level instead."""
+          warmup: int = 4) -> list[dict[str, Any]]:
+    """Every concurrency level against one engine, after ``warmup`` unmeasured full requests
+    (one at a time, then ``warmup`` at once: engines prepare kernels for new shapes on first use;
+    llama.cpp's first prompt evaluations took seconds here). ``duration_s`` None: one full wave
+    of ``concurrency`` requests per level instead."""
     if warmup:
-        _run(run_level(base_url, model, warmup, warmup, max_tokens=4, extra=extra, api_key=api_key))
+        _run(run_level(base_url, model, 1, warmup, max_tokens=max_tokens, extra=extra, api_key=api_key))
+        _run(run_level(base_url, model, warmup, warmup, max_tokens=max_tokens, extra=extra, api_key=api_key))
     return [_run(run_level(base_url, model, c, None if duration_s else max(c, 4), max_tokens,
                                   duration_s=duration_s, api_key=api_key, extra=extra))
             for c in concurrencies]
