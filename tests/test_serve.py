@@ -395,6 +395,19 @@ def test_a_slow_client_gets_408_and_others_are_served(gateway):
     assert reply.startswith("HTTP/1.1 408") and "not received within" in reply
 
 
+def test_a_stream_may_outlast_the_body_timeout(gateway):
+    _, url, _ = gateway  # body timeout 1 s: it limits receiving the request, not streaming the answer
+    t0 = time.perf_counter()
+    with httpx.stream("POST", url + "/generate", json={"question": "What is asthma?", "max_length": 32, "stream": True},
+                      timeout=60) as r:
+        events = []
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                events.append(json.loads(line[6:]))
+                time.sleep(0.1)  # a slow reader
+    assert time.perf_counter() - t0 > 1.5 and events[-1].get("done"), events[-1]
+
+
 def test_a_flood_of_500_requests_at_concurrency_32_has_no_server_errors(gateway):
     _, url, _ = gateway
     statuses: list[int] = []

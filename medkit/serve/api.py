@@ -61,21 +61,23 @@ class _BodyGuard:
         if declared is not None and declared.isdigit() and int(declared) > self.limits.max_body_bytes:
             return await _plain(send, 413, f"request body over {self.limits.max_body_bytes} bytes")
         seen = 0
+        body_done = False
         started = time.monotonic()
-        failed: list[int] = []
 
         async def guarded_receive():
-            nonlocal seen
+            nonlocal seen, body_done
+            if body_done:  # later receives wait for a disconnect while a response streams: no limit
+                return await receive()
             left = self.limits.body_timeout_s - (time.monotonic() - started)
             try:
                 message = await asyncio.wait_for(receive(), timeout=max(left, 0.001))
             except asyncio.TimeoutError:
-                failed.append(408)
                 raise _Abort(408, f"request body not received within {self.limits.body_timeout_s:.0f} s")
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.limits.max_body_bytes:
                     raise _Abort(413, f"request body over {self.limits.max_body_bytes} bytes")
+                body_done = not message.get("more_body", False)
             return message
 
         try:

@@ -172,14 +172,15 @@ def load_llama(gguf_path: str | Path, n_ctx: int = 512, threads: int | None = No
 
 
 def parity(model_dir: str | Path, gguf_path: str | Path, questions: list[str], n_tokens: int = 16,
-           llm=None) -> dict[str, Any]:
+           llm=None, hf=None) -> dict[str, Any]:
     """Compare transformers and llama.cpp on chat prompts: the same prompt token ids, and the same
-    greedy first ``n_tokens`` generated ids. Returns per-prompt rows and ``match`` (all equal)."""
+    greedy first ``n_tokens`` generated ids. Returns per-prompt rows and ``match`` (all equal).
+    ``hf``: an already loaded ``(model, tokenizer)`` of ``model_dir``."""
     import torch
 
     from ..train.common import load_causal_lm, messages
 
-    model, tok = load_causal_lm(str(model_dir))
+    model, tok = hf or load_causal_lm(str(model_dir))
     model.eval()
     llm = llm or load_llama(gguf_path)
     rows = []

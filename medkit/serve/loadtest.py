@@ -148,7 +148,7 @@ def _run(coro):
 
 def sweep(base_url: str, model: str, concurrencies: list[int], max_tokens: int = 32,
           duration_s: float | None = 6.0, extra: dict[str, Any] | None = None, api_key: str = "none",
-          warmup: int = 4) -> list[dict[str, Any]]:
+          warmup: int = 3) -> list[dict[str, Any]]:
     """Every concurrency level against one engine, after ``warmup`` unmeasured full requests
     (one at a time, then ``warmup`` at once: engines prepare kernels for new shapes on first use;
     llama.cpp's first prompt evaluations took seconds here). ``duration_s`` None: one full wave
