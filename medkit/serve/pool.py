@@ -1,0 +1,88 @@
+"""Replicas of an OpenAI-compatible engine behind one client: each call goes to the replica with
+the fewest requests in flight; one that refuses connections is skipped and tried last."""
+from typing import Any
+
+
+class EngineUnavailable(RuntimeError):
+    """No replica could be reached."""
+
+
+class EnginePool:
+    """N OpenAI-compatible engines; each call goes to the replica with the fewest requests in
+    flight (ties: round robin). A replica that cannot be reached is tried last next time."""
+
+    def __init__(self, urls: list[str], model: str | None = None, timeout_s: float = 60.0):
+        import httpx
+
+        if not urls:
+            raise ValueError("EnginePool: at least one engine URL is needed")
+        self.urls = [u.rstrip("/") for u in urls]
+        self.model = model
+        self.in_flight = {u: 0 for u in self.urls}
+        self.served = {u: 0 for u in self.urls}
+        self.failures = {u: 0 for u in self.urls}
+        self._turn = 0
+        self.client = httpx.AsyncClient(timeout=timeout_s, limits=httpx.Limits(max_connections=256))
+
+    def order(self) -> list[str]:
+        self._turn += 1
+        n = len(self.urls)
+        rotated = [self.urls[(self._turn + i) % n] for i in range(n)]
+        return sorted(rotated, key=lambda u: (self.failures[u] > 0, self.in_flight[u]))
+
+    async def models(self, url: str) -> list[str] | None:
+        try:
+            r = await self.client.get(url + "/models", timeout=3.0)
+            r.raise_for_status()
+            return [m["id"] for m in r.json().get("data", [])]
+        except Exception:
+            return None
+
+    async def resolve_model(self) -> str:
+        if self.model:
+            return self.model
+        for url in self.urls:
+            names = await self.models(url)
+            if names:
+                self.model = names[0]
+                return self.model
+        raise EngineUnavailable("no engine answered /v1/models")
+
+    async def post(self, path: str, payload: dict[str, Any]) -> tuple[str, Any]:
+        """POST to the first replica that accepts the connection; returns (url, response)."""
+        import httpx
+
+        last: Exception | None = None
+        for url in self.order():
+            self.in_flight[url] += 1
+            try:
+                r = await self.client.post(url + path, json=payload)
+                self.failures[url] = 0
+                self.served[url] += 1
+                return url, r
+            except (httpx.ConnectError, httpx.RemoteProtocolError) as e:
+                self.failures[url] += 1
+                last = e
+            finally:
+                self.in_flight[url] -= 1
+        raise EngineUnavailable(f"no engine replica reachable ({last})")
+
+    async def stream(self, path: str, payload: dict[str, Any]):
+        """(url, httpx stream context) on the first reachable replica."""
+        import httpx
+
+        last: Exception | None = None
+        for url in self.order():
+            try:
+                req = self.client.build_request("POST", url + path, json=payload)
+                resp = await self.client.send(req, stream=True)
+                self.failures[url] = 0
+                self.served[url] += 1
+                return url, resp
+            except (httpx.ConnectError, httpx.RemoteProtocolError) as e:
+                self.failures[url] += 1
+                last = e
+        raise EngineUnavailable(f"no engine replica reachable ({last})")
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
