@@ -31,46 +31,21 @@ _HEIGHT_CM = re.compile(r"\b(\d{3})\s*(?:cm|centimetres?|centimeters?)\b", re.I)
 _STOCK = re.compile(r"\b(in stock|have (any )?\w+ in|available|do you (have|stock|sell))\b", re.I)
 
 
-class StoredDenseIndex:
-    """A dense index opened from an existing ChromaDB collection (no re-embedding)."""
-
-    def __init__(self, collection, encoder):
-        self.col, self.encoder = collection, encoder
-
-    def search(self, query: str, k: int = 10) -> list[tuple[str, float]]:
-        from ..rag import dense
-
-        return dense.DenseIndex.search(self, query, k)
-
-
-def reuse_rag_index(session, chunks: list[dict[str, Any]], encoder, analyzer):
-    """The hybrid retriever over 06_rag's ChromaDB index (copied into this notebook's folder),
-    when that index holds exactly these chunks (ids checked) with vectors of this embedder's size;
-    else None (build a new one)."""
+def copy_rag_index(session, dst: Path) -> bool:
+    """Copy 06_rag's persistent ChromaDB index into ``dst``; ``evaluate.build(index_dir=dst)`` then
+    reloads it without re-embedding when it holds these chunks under this embedder (content hash),
+    and rebuilds it otherwise. False when 06 has not run."""
     import shutil
 
     from ..artifacts import MissingArtifact
-    from ..rag import dense, pipeline, sparse
 
     try:
         src = session.get("rag_index")
     except MissingArtifact:
-        return None
-    dst = session.dir / "agent_chroma"
+        return False
     shutil.rmtree(dst, ignore_errors=True)
     shutil.copytree(src, dst)
-    try:
-        col = dense.chroma_client(dst).get_collection("medkit_passages")
-        ids = [c["id"] for c in chunks]
-        if col.count() != len(ids) or len(col.get(ids=ids[:: max(1, len(ids) // 50)])["ids"]) != len(ids[:: max(1, len(ids) // 50)]):
-            return None
-        probe = col.get(ids=[ids[0]], include=["embeddings"])["embeddings"][0]
-        if len(probe) != encoder.get_sentence_embedding_dimension():
-            return None
-    except Exception:  # noqa: BLE001 - an unreadable or different index: rebuild instead
-        return None
-    return pipeline.HybridRetriever(sparse.BM25Index(chunks), StoredDenseIndex(col, encoder), rewrite=analyzer.enrich,
-                                    texts={c["id"]: c["text"] for c in chunks})
+    return True
 
 
 @dataclass
@@ -130,10 +105,10 @@ class MedicalAgent:
         if retriever is None:
             rag = session.stage("rag")
             encoder = dense.load_encoder(rag["embedder"], session.cfg["device"])
-            retriever = reuse_rag_index(session, chunks, encoder, analyzer)
-            if retriever is None:  # persistent: a later run of 07 reloads it without re-embedding
-                retriever, _ = evaluate.build(chunks, encoder, None, analyzer, index_dir=session.dir / "agent_index",
-                                              embedder=rag["embedder"])
+            index_dir = session.dir / "agent_index"
+            if not index_dir.exists():
+                copy_rag_index(session, index_dir)
+            retriever, _ = evaluate.build(chunks, encoder, None, analyzer, index_dir=index_dir, embedder=rag["embedder"])
         llm = None
         if cfg.get("mode") == "llm":
             from .llm import LLMWriter
