@@ -12,7 +12,6 @@ same functions load ``microsoft/phi-2``.
 from __future__ import annotations
 
 import json
-import os
 import threading
 import time
 from pathlib import Path
@@ -160,10 +159,13 @@ def _rss() -> int:
 
 
 def _measure_child(conn, path, cfg, quantized, rows, steps):
-    """In a forked child: RSS before loading, then the peak while loading and training."""
+    """In a child process: RSS before loading, then the peak while loading and training."""
     import gc
 
+    import bitsandbytes  # noqa: F401 - the libraries are loaded before the baseline is read,
+    import peft  # noqa: F401            so the growth measured is the model's and training's
     import torch
+    import transformers  # noqa: F401
 
     from ..evaluate import mcq
     from .common import encode_completions
@@ -219,10 +221,9 @@ def measure_training_memory(path: str, cfg: dict[str, Any], rows: list[dict[str,
     GPU also ``torch.cuda.max_memory_allocated``."""
     import multiprocessing as mp
 
-    import bitsandbytes  # noqa: F401 - imported before the fork, so the child's memory
-    import peft  # noqa: F401   growth is the model's, not the libraries'
-
-    ctx = mp.get_context("fork" if cfg["device"] == "cpu" else "spawn")
+    # a fresh interpreter: forking a process that already runs threads (a Jupyter kernel) can
+    # deadlock, and a fork would share the parent's pages
+    ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe(duplex=False)
     proc = ctx.Process(target=_measure_child, args=(child, path, cfg, quantized, rows, steps))
     proc.start()
@@ -332,4 +333,3 @@ def plot_memory(rows: dict[str, dict[str, float]]):
     return fig
 
 
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # forked measurement children
