@@ -122,7 +122,7 @@ def diagnosis_correct(diagnosis: str, condition: dict[str, Any]) -> bool:
 
 
 def evaluate(model, tok, rows: list[dict[str, Any]], kb, max_new_tokens: int = 256,
-             batch_size: int = 16) -> dict[str, Any]:
+             batch_size: int = 32) -> dict[str, Any]:
     """Generate a reply to each held-out case and score it: think-block rate, format compliance
     and diagnosis accuracy (against the case's ``condition_id`` in the knowledge base)."""
     from .common import generate

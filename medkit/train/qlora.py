@@ -246,7 +246,22 @@ def make_trainer(peft_model, tok, train_rows, eval_rows, cfg: dict[str, Any], ou
     return SFTTrainer(model=peft_model, args=sft_config(cfg, out_dir, **extra),
                       train_dataset=to_prompt_completion(mcq.to_sft_rows(train_rows), mcq.MCQ_SYSTEM),
                       eval_dataset=to_prompt_completion(mcq.to_sft_rows(eval_rows), mcq.MCQ_SYSTEM),
-                      processing_class=tok)
+                      processing_class=tok, callbacks=[_keep_training_layout()])
+
+
+def _keep_training_layout():
+    """A callback that restores the 4-bit training layout at the start and after every
+    evaluation (evaluation runs in eval mode, where bitsandbytes repacks for inference)."""
+    from transformers import TrainerCallback
+
+    class KeepTrainingLayout(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, **kw):
+            training_layout(model)
+
+        def on_evaluate(self, args, state, control, model=None, **kw):
+            training_layout(model)
+
+    return KeepTrainingLayout()
 
 
 def grid_search(path: str, train_rows, eval_rows, cfg: dict[str, Any], out_dir) -> list[dict[str, Any]]:
