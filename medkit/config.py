@@ -54,10 +54,12 @@ PROFILES: dict[str, dict[str, Any]] = {
                       "hpo": {"ranks": [8, 32], "lrs": [1e-3, 4e-3], "steps": 10},
                       "lora": {"r": 32, "alpha": 64, "dropout": 0.1,
                                "target_modules": ["q_proj", "k_proj", "v_proj", "dense"]}},
-            "cot": {"base_model": "tiny:llama", "dataset": "course:cot", "max_steps": 40,
-                    # seq_len covers the longest case (~410 tokens with the reasoning)
-                    "batch_size": 4, "grad_accum": 4, "seq_len": 448, "lr": 3e-3,
-                    "use_unsloth": False, "warmup_steps": 10,
+            "cot": {"base_model": "tiny:llama", "dataset": "course:cot", "max_steps": 60,
+                    # FEMOZ's batch 2 × accumulation 4; seq_len covers the longest case (~410 tokens)
+                    "batch_size": 2, "grad_accum": 4, "seq_len": 448, "lr": 1e-2,
+                    "use_unsloth": False, "warmup_steps": 5,
+                    # the tiny base never saw the reasoning delimiters: train their embedding rows
+                    "train_tokens": ["<think>", "</think>"],
                     "lora": {"r": 16, "alpha": 16, "dropout": 0.0, "target_modules": _LLAMA_ALL}},
             "rag": {"embedder": "offline-minilm", "reranker": "train-here", "top_k": 10, "rerank_k": 3},
             "eval": {"bertscore_model": "offline-minilm"},

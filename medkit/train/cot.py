@@ -205,13 +205,22 @@ def load_for_training(base_path: str, cfg: dict[str, Any]):
             target_modules=list(lora["target_modules"]), bias="none",
             use_gradient_checkpointing="unsloth", random_state=cfg.get("seed", 0))
         return model, tok, "unsloth"
-    from peft import get_peft_model
+    from peft import LoraConfig, get_peft_model
 
     from .common import load_causal_lm
-    from .sft import lora_config
 
     model, tok = load_causal_lm(base_path, cfg["dtype"], cfg["device"])
-    return get_peft_model(model, lora_config(lora)), tok, "transformers"
+    extra = {}
+    if cfg.get("train_tokens"):
+        # a base that never saw these tokens has random embedding rows for them; train just
+        # those rows (R1's own release has them trained, so the GPU profiles leave this out)
+        ids = tok.convert_tokens_to_ids(list(cfg["train_tokens"]))
+        if tok.unk_token_id is not None and tok.unk_token_id in ids:
+            raise ValueError(f"{base_path}: tokenizer lacks one of {cfg['train_tokens']}")
+        extra["trainable_token_indices"] = ids
+    config = LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
+                        target_modules=list(lora["target_modules"]), task_type="CAUSAL_LM", **extra)
+    return get_peft_model(model, config), tok, "transformers"
 
 
 def to_dataset(rows: list[dict[str, Any]]):
@@ -238,8 +247,24 @@ def make_trainer(model, tok, train_rows, eval_rows, cfg: dict[str, Any], out_dir
                 seed=cfg.get("seed", 0), use_cpu=cfg["device"] == "cpu", dataloader_num_workers=0,
                 **precision_flags(cfg["dtype"]))
     args.update(extra)
-    return SFTTrainer(model=model, args=SFTConfig(**args), train_dataset=to_dataset(train_rows),
-                      eval_dataset=to_dataset(eval_rows) if eval_rows else None, processing_class=tok)
+    trainer_class = _model_loss_trainer_class() if cfg.get("train_tokens") else SFTTrainer
+    return trainer_class(model=model, args=SFTConfig(**args), train_dataset=to_dataset(train_rows),
+                         eval_dataset=to_dataset(eval_rows) if eval_rows else None, processing_class=tok)
+
+
+def _model_loss_trainer_class():
+    from transformers import Trainer
+    from trl import SFTTrainer
+
+    class ModelLossSFTTrainer(SFTTrainer):
+        """trl computes the loss through its own fused output head, which bypasses peft's trained
+        token rows on a tied head; the model's own loss (same labels, same masking) does not."""
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
+
+    return ModelLossSFTTrainer
+
 
 
 def prepare_inference(model, path: str):
