@@ -135,7 +135,9 @@ def test_qlora_is_real_4bit_trains_and_merges(phi, mcqs, tmp_path):
     with torch.no_grad():
         a = peft_model(input_ids=x, attention_mask=attn).logits
         b = merged(input_ids=x, attention_mask=attn).logits
-    assert torch.allclose(a, b, atol=1e-3), float((a - b).abs().max())
+    # same weights (dequantised NF4 + merged LoRA); only the 4-bit kernel's rounding differs
+    assert torch.allclose(a, b, atol=0.05), float((a - b).abs().max())
+    assert (a.argmax(-1) == b.argmax(-1)).float().mean() > 0.98
     after = mcq.loglik_choices(merged, mtok, rows)
     assert [len(r["scores"]) for r in after] == [4] * len(rows) and len(before) == len(rows)
 
