@@ -280,9 +280,9 @@ def grid_search(path: str, train_rows, eval_rows, cfg: dict[str, Any], out_dir) 
             peft_model = add_lora(model, lora, True, cfg.get("gradient_checkpointing", False))
             trial_cfg = dict(cfg, max_steps=steps, lr=lr)
             trainer = make_trainer(peft_model, tok, train_rows, eval_rows, trial_cfg,
-                                   Path(out_dir) / f"r{r}_lr{lr:g}", eval_strategy="no", disable_tqdm=True)
+                                   Path(out_dir) / f"r{r}_lr{lr:g}", eval_strategy="no", disable_tqdm=True,
+                                   logging_strategy="no")
             t0 = time.perf_counter()
-            training_layout(peft_model)
             out = trainer.train()
             ev = trainer.evaluate()
             trials.append({"r": r, "alpha": 2 * r, "lr": lr, "steps": steps, "train_loss": out.training_loss,
