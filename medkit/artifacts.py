@@ -23,6 +23,7 @@ PRODUCERS = {
     "t5_model": "02_sft",
     "dpo_model": "03_dpo",
     "qlora_model": "04_qlora_phi2",
+    "qlora_adapter": "04_qlora_phi2",
     "cot_model": "05_r1_cot_unsloth",
     "rag_index": "06_rag",
     "agent_store": "07_agent",

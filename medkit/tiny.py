@@ -43,15 +43,17 @@ CHATML_TEMPLATE = (
     "{%- endfor %}"
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
 )
-# Phi-2's documented QA format: "Instruct: <question>\nOutput: <answer>".
+# Phi-2's documented QA format: "Instruct: <question>\nOutput: <answer>". The generation prompt
+# ends at "Output:" and the answer carries the space: a byte-level BPE merges " " into the next
+# word, so a prompt ending in a space would not be a token prefix of prompt + answer.
 PHI_TEMPLATE = (
     "{%- for message in messages %}"
     "{%- if message['role'] == 'system' %}{{- message['content'] + '\\n' }}"
     "{%- elif message['role'] == 'user' %}{{- 'Instruct: ' + message['content'] + '\\n' }}"
-    "{%- elif message['role'] == 'assistant' %}{{- 'Output: ' }}"
-    "{% generation %}{{- message['content'] + eos_token }}{% endgeneration %}{{- '\\n' }}"
+    "{%- elif message['role'] == 'assistant' %}{{- 'Output:' }}"
+    "{% generation %}{{- ' ' + message['content'] + eos_token }}{% endgeneration %}{{- '\\n' }}"
     "{%- endif %}{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- 'Output: ' }}{%- endif %}"
+    "{%- if add_generation_prompt %}{{- 'Output:' }}{%- endif %}"
 )
 # DeepSeek-R1-Distill's layout: BOS, system text, <｜User｜>…<｜Assistant｜>…<｜end▁of▁sentence｜>;
 # the generation prompt opens the reasoning block with "<think>\n", as the R1 release does.

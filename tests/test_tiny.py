@@ -36,7 +36,7 @@ def test_chat_templates_of_each_family(raw_tok):
     assert qwen == ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nWhat is asthma?<|im_end|>\n"
                     "<|im_start|>assistant\nA chronic airway disease.<|im_end|>\n")
     phi = tiny.family_tokenizer(raw_tok, "phi").apply_chat_template(MSGS[1:2], tokenize=False, add_generation_prompt=True)
-    assert phi == "Instruct: What is asthma?\nOutput: "
+    assert phi == "Instruct: What is asthma?\nOutput:"
     r1 = tiny.family_tokenizer(raw_tok, "llama").apply_chat_template(MSGS[1:2], tokenize=False, add_generation_prompt=True)
     assert r1 == "<｜begin▁of▁sentence｜><｜User｜>What is asthma?<｜Assistant｜><think>\n"
 

@@ -56,8 +56,9 @@ def precision_flags(dtype: str) -> dict[str, bool]:
 
 
 def generate(model, tok, prompts: list[list[dict[str, str]]], max_new_tokens: int = 64,
-             batch_size: int = 16) -> list[dict[str, Any]]:
-    """Greedy answers to chat prompts. Each result has ``text`` (special tokens removed) and
+             batch_size: int = 16, **generate_kwargs: Any) -> list[dict[str, Any]]:
+    """Greedy answers to chat prompts (``generate_kwargs`` go to ``model.generate``, e.g.
+    ``num_beams``/``length_penalty``). Each result has ``text`` (special tokens removed) and
     ``stopped`` (the model ended its turn with the template's end token)."""
     import torch
 
@@ -73,7 +74,8 @@ def generate(model, tok, prompts: list[list[dict[str, str]]], max_new_tokens: in
             enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
             with torch.no_grad():
                 gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                     pad_token_id=tok.pad_token_id, eos_token_id=list(end_ids))
+                                     pad_token_id=tok.pad_token_id, eos_token_id=list(end_ids),
+                                     **generate_kwargs)
             for row in gen[:, enc["input_ids"].shape[1]:].tolist():
                 stopped = any(t in end_ids for t in row)
                 if stopped:
