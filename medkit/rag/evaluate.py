@@ -7,11 +7,13 @@ prints JSON: recall@1/5/10, MRR@10 and nDCG@10 per retriever, with and without r
 """
 from __future__ import annotations
 
+import hashlib
 import time
+from pathlib import Path
 from typing import Any
 
 from ..kb import KnowledgeBase
-from . import dense, metrics, pipeline, query, sparse, text
+from . import dense, fusion, metrics, pipeline, query, sparse, text
 
 # which passage section answers which question type
 SECTION_OF = {"symptoms": "symptoms", "causes": "overview", "diagnosis": "diagnosis", "treatment": "treatment",
@@ -30,41 +32,96 @@ def relevant_passage(row: dict[str, Any], kb: KnowledgeBase) -> set[str]:
 
 def build(chunks: list[dict[str, Any]], encoder, client, analyzer: query.QueryAnalyzer | None = None,
           fusion: str = pipeline.DEFAULT_FUSION,
-          weights: tuple[float, float] = pipeline.DEFAULT_WEIGHTS) -> tuple[pipeline.HybridRetriever, dict]:
-    """Index ``chunks`` with BM25 and dense; returns the retriever and build timings."""
+          weights: tuple[float, float] = pipeline.DEFAULT_WEIGHTS, index_dir: str | Path | None = None,
+          embedder: str = "", log=print) -> tuple[pipeline.HybridRetriever, dict]:
+    """Index ``chunks`` with BM25 and dense; returns the retriever and build timings. With
+    ``index_dir`` the dense index is persistent (``client`` is then unused): reloaded without
+    re-embedding when the content hash matches, rebuilt with a message otherwise."""
     t = time.perf_counter()
     bm25 = sparse.BM25Index(chunks)
     t_bm25 = time.perf_counter() - t
     t = time.perf_counter()
-    dn = dense.DenseIndex(chunks, encoder, client)
+    if index_dir is not None:
+        dn = dense.open_index(chunks, encoder, index_dir, embedder or "unnamed", log=log)
+    else:
+        dn = dense.DenseIndex(chunks, encoder, client)
     t_dense = time.perf_counter() - t
-    timing = {"docs": len(chunks), "bm25_s": t_bm25, "dense_s": t_dense,
+    timing = {"docs": len(chunks), "bm25_s": t_bm25, "dense_s": t_dense, "dense_status": dn.status,
               "docs_per_s": len(chunks) / (t_bm25 + t_dense)}
     return pipeline.HybridRetriever(bm25, dn, rewrite=analyzer.enrich if analyzer else None,
-                                    fusion=fusion, weights=weights), timing
+                                    fusion=fusion, weights=weights, texts=dn.texts), timing
 
 
 def evaluate(retriever: pipeline.HybridRetriever, questions: list[str], relevant: list[set[str]],
              modes=("bm25", "dense", "hybrid"), rewrites=(False, True), k: int = 10) -> list[dict[str, Any]]:
     rows = []
-    for mode in modes:
-        for rw in rewrites:
-            if rw and retriever.rewrite is None:
-                continue
-            runs = [([d for d, _ in retriever.search(q, k, mode, rw)], g) for q, g in zip(questions, relevant)]
-            rows.append({"retriever": mode, "rewrite": rw, **metrics.summarize(runs)})
+    retriever.dense.cache_queries = True  # the same query is embedded once across modes
+    try:
+        for mode in modes:
+            for rw in rewrites:
+                if rw and retriever.rewrite is None:
+                    continue
+                runs = [([d for d, _ in retriever.search(q, k, mode, rw)], g) for q, g in zip(questions, relevant)]
+                rows.append({"retriever": mode, "rewrite": rw, **metrics.summarize(runs)})
+    finally:
+        retriever.dense.cache_queries = False
     return rows
 
 
+def tune_fusion(retriever: pipeline.HybridRetriever, questions: list[str], relevant: list[set[str]],
+                grid=(0.1, 0.2, 0.3, 0.4, 0.5), use_rewrite: bool = True, k: int = 10) -> dict[str, Any]:
+    """Choose the BM25 weight of weighted fusion on *tuning* questions (never the test ones):
+    each retriever is queried once per question and the rankings are fused for every weight in
+    ``grid``; the best recall@5 wins (ties: MRR@10, then the smaller BM25 weight)."""
+    q_runs = []
+    for q in questions:
+        qq = retriever.rewrite(q) if (use_rewrite and retriever.rewrite) else q
+        q_runs.append((retriever.bm25.search(qq, k), retriever.dense.search(qq, k)))
+    scores = []
+    for w in grid:
+        runs = [([d for d, _ in fusion.weighted_score_fusion([b, dn], [w, 1 - w], top=k)], g)
+                for (b, dn), g in zip(q_runs, relevant)]
+        m = metrics.summarize(runs)
+        scores.append({"bm25_weight": w, "recall@5": m["recall@5"], "mrr@10": m["mrr@10"]})
+    best = max(scores, key=lambda r: (r["recall@5"], r["mrr@10"], -r["bm25_weight"]))
+    return {"weights": (best["bm25_weight"], round(1 - best["bm25_weight"], 3)), "grid": scores,
+            "questions": len(questions)}
+
+
+def group_split(rows: list[dict[str, Any]], dev_share: float = 0.25, key: str = "topic") -> tuple[list, list]:
+    """Split rows into (dev, test) by a stable hash of ``key`` (MedQuAD's focus), so that no
+    topic has questions on both sides."""
+    dev, test = [], []
+    for r in rows:
+        h = int(hashlib.sha256(str(r.get(key) or r["id"]).encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+        (dev if h < dev_share else test).append(r)
+    return dev, test
+
+
 def medquad_eval(rows: list[dict[str, Any]], encoder, client, limit: int | None = None,
-                 max_words: int = 120) -> list[dict[str, Any]]:
-    """Each MedQuAD question must retrieve its own answer (answers cut to ``max_words``); the
-    hybrid is scored with weighted fusion and with RRF."""
+                 max_words: int = 120, reranker=None, tune: bool = True) -> list[dict[str, Any]]:
+    """Each MedQuAD question must retrieve its own answer among all the answers (cut to
+    ``max_words``). Questions are split into dev and test grouped by focus; the fusion weight is
+    tuned on dev and every retriever is scored on test, weighted and RRF hybrids (and the
+    reranker when given) included. Each row says the weights used. Files under 200 questions are
+    scored whole with the default weights."""
     rows = rows[:limit] if limit else rows
     docs = [{"id": r["id"], "text": " ".join(r["answer"].split()[:max_words])} for r in rows]
     retriever, _ = build(docs, encoder, client)
-    questions, relevant = [r["question"] for r in rows], [{r["id"]} for r in rows]
+    # below ~200 questions a dev split is too small to tune on: score every question, default weights
+    dev, test = group_split(rows) if (tune and len(rows) >= 200) else ([], rows)
+    if dev and test:
+        retriever.weights = tune_fusion(retriever, [r["question"] for r in dev], [{r["id"]} for r in dev],
+                                        use_rewrite=False)["weights"]
+    else:
+        test = rows
+    questions, relevant = [r["question"] for r in test], [{r["id"]} for r in test]
     table = evaluate(retriever, questions, relevant, rewrites=(False,))
+    if reranker is not None:
+        retriever.reranker = reranker
+        table += evaluate(retriever, questions, relevant, ("rerank",), (False,))
     retriever.fusion = "rrf"
     table += [{**r, "retriever": "hybrid (RRF)"} for r in evaluate(retriever, questions, relevant, ("hybrid",), (False,))]
+    for r in table:
+        r.update(corpus=len(docs), dev_questions=len(dev), fusion_weights=list(retriever.weights))
     return table

@@ -23,6 +23,9 @@ class HybridRetriever:
     fusion: str = DEFAULT_FUSION  # weighted | rrf
     weights: tuple[float, float] = DEFAULT_WEIGHTS
     timings: dict[str, list[float]] = field(default_factory=dict)
+    reranker: Any = None  # rerank.load(...): mode="rerank" re-scores the hybrid top ``rerank_pool``
+    texts: dict[str, str] = field(default_factory=dict)  # evidence id -> text, for the reranker
+    rerank_pool: int = 10
 
     @contextmanager
     def _timed(self, stage: str):
@@ -31,11 +34,19 @@ class HybridRetriever:
         self.timings.setdefault(stage, []).append((time.perf_counter() - start) * 1000)
 
     def search(self, query: str, k: int = 10, mode: str = "hybrid", use_rewrite: bool = True) -> list[tuple[str, float]]:
-        """``mode``: bm25, dense or hybrid. Raises ValueError on an empty or over-long query."""
+        """``mode``: bm25, dense, hybrid, or rerank (the hybrid's top ``rerank_pool`` re-ordered by
+        the cross-encoder). Raises ValueError on an empty or over-long query."""
         if not query or not query.strip():
             raise ValueError("empty query")
         if len(query) > MAX_QUERY_CHARS:
             raise ValueError(f"query of {len(query)} characters is over the {MAX_QUERY_CHARS}-character limit")
+        if mode == "rerank":
+            if self.reranker is None:
+                raise ValueError("mode='rerank' needs a reranker (HybridRetriever.reranker)")
+            pool = self.search(query, max(k, self.rerank_pool), "hybrid", use_rewrite)
+            with self._timed("rerank"):
+                # the cross-encoder reads the user's own words: rewriting only helps the first stage
+                return self.reranker.rerank(query, pool, self.texts)[:k]
         with self._timed("rewrite"):
             q = self.rewrite(query) if (use_rewrite and self.rewrite) else query
         rankings = []
