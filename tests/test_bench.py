@@ -12,6 +12,7 @@ from medkit import config, run, tiny
 from medkit import kb as K
 from medkit.data import generate
 from medkit.evaluate import bench, leaderboard as lb, mcq
+from medkit.train import common
 
 SMALL = dict(config.PROFILES["tiny"]["tiny"], vocab_size=1024, pretrain_steps=30, pretrain_seq_len=64,
              pretrain_batch=8, lr=5e-3)
@@ -105,6 +106,12 @@ def test_decoder_scorer_agrees_with_the_mcq_module(qwen, mcqs):
     raw = mcq.loglik_choices(s.model, s.tok, mcqs, per_token=False)
     assert res["correct_raw"] == [r["correct"] for r in raw]
     assert res["n_gen"] == 4 and 0 <= res["format_rate_gen"] <= 1
+    # the fast path (sorted, left-padded, head over the completion only) gives the training module's numbers
+    qs, ans = [r["question"] for r in mcqs], [mcq.target_text(r) for r in mcqs]
+    ref = common.completion_scores(s.model, s.tok, [common.messages(q) for q in qs], ans)
+    sums, counts, right = s.loglik_detail(qs, ans, common.SYSTEM_PROMPT)
+    assert abs(-sum(sums) / sum(counts) - ref["loss"]) < 1e-4
+    assert abs(sum(right) / sum(counts) - ref["token_accuracy"]) < 1e-9
 
 
 def test_seq2seq_loglik_matches_the_model_loss(t5):

@@ -148,8 +148,8 @@ def test_08_benchmarking_compares_the_course_models(course_run):
     # training changed the model on held-out QA it never saw: SFT beats the base it started from
     assert m["bench.ppl_sft"] < 0.7 * m["bench.ppl_base"]
     assert m["bench.rougeL_sft"] > m["bench.rougeL_base"]
-    # MCQ-trained QLoRA answers in the strict format far more often than the QA-only SFT model
-    assert m["bench.mcq_acc_gen_qlora"] >= m["bench.mcq_acc_gen_sft"]
+    # MCQ-trained QLoRA opens with a strict answer letter far more often than the QA-only SFT model
+    assert m["bench.mcq_format_rate_qlora"] > m["bench.mcq_format_rate_sft"] + 0.1
     assert 0.0 < m["bench.bertscore_f1_sft"] <= 1.0
     if m["bench.pubmedqa_n"]:  # ../shared/data present: the real benchmarks ran
         assert m["bench.pubmedqa_n"] >= 100 and m["bench.mmlu_n"] >= 100

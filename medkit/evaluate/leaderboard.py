@@ -71,10 +71,10 @@ def score_qa(scorer, questions: list[str], answers: list[str], system: str, n_ge
     verbosity, generic-answer rate, end-of-turn rate. ``replies`` keeps the generations."""
     import torch
 
-    sums, counts = scorer.loglik(questions, answers, system, batch_size=16)
+    sums, counts, right = scorer.loglik_detail(questions, answers, system, batch_size=16)
     loss = -sum(sums) / max(sum(counts), 1)
-    out: dict[str, Any] = {"n": len(questions), "loss": loss, "perplexity": metrics.perplexity(loss)}
-    out["token_accuracy"] = token_accuracy(scorer, questions, answers, system)
+    out: dict[str, Any] = {"n": len(questions), "loss": loss, "perplexity": metrics.perplexity(loss),
+                           "token_accuracy": sum(right) / max(sum(counts), 1)}
     gens = scorer.generate(questions[:n_generate], system, max_new_tokens=max_new_tokens)
     texts, refs = [g["text"] for g in gens], answers[:n_generate]
     words = [len(t.split()) for t in texts]
@@ -86,34 +86,6 @@ def score_qa(scorer, questions: list[str], answers: list[str], system: str, n_ge
                generic_rate=metrics.mean(metrics.is_generic_non_answer(t) for t in texts),
                stop_rate=metrics.mean(bool(g["stopped"]) for g in gens), replies=gens)
     return out
-
-
-def token_accuracy(scorer, questions: list[str], answers: list[str], system: str, batch_size: int = 16) -> float:
-    """Share of answer tokens the model's top guess gets right (teacher forcing)."""
-    import torch
-
-    if scorer.kind == "causal":
-        from ..train.common import messages, token_logprobs
-
-        right = total = 0
-        for s in range(0, len(questions), batch_size):
-            _, mask, ok = token_logprobs(scorer.model, scorer.tok, [messages(q, system) for q in questions[s: s + batch_size]],
-                                         answers[s: s + batch_size])
-            right, total = right + int(ok.sum()), total + int(mask.sum())
-        return right / max(total, 1)
-    right = total = 0
-    for s in range(0, len(questions), batch_size):
-        enc = scorer.tok(questions[s: s + batch_size], return_tensors="pt", padding=True, truncation=True,
-                         max_length=512).to(scorer.model.device)
-        lab = scorer.tok(text_target=answers[s: s + batch_size], return_tensors="pt", padding=True)["input_ids"]
-        lab[lab == scorer.tok.pad_token_id] = -100
-        lab = lab.to(scorer.model.device)
-        with torch.no_grad():
-            logits = scorer.model(**enc, labels=lab).logits
-        mask = lab != -100
-        right += int(((logits.argmax(-1) == lab) & mask).sum())
-        total += int(mask.sum())
-    return right / max(total, 1)
 
 
 def is_verbose(text: str, reference: str, factor: float = 2.0) -> bool:
