@@ -67,7 +67,7 @@ PROFILES: dict[str, dict[str, Any]] = {
             # 08_benchmarking: modest subsets keep 08 near 2 minutes on 2 cores; every figure
             # carries its n and a bootstrap interval. "shared:<file>" is ../shared/data/<file>.
             "eval": {"bertscore_model": "offline-minilm", "n_qa": 120, "n_generate": 40, "n_mcq": 100,
-                     "n_mcq_generate": 32, "n_pubmedqa": 120, "n_bench_generate": 24, "n_latency": 20,
+                     "n_mcq_generate": 24, "n_pubmedqa": 100, "n_bench_generate": 24, "n_latency": 20,
                      "max_new_tokens": 64, "context_words": 120, "rag_k": 2, "n_boot": 1000,
                      "allow_hub": False,
                      "benchmarks": {"pubmedqa": "shared:pubmedqa_pqal.jsonl",
