@@ -183,18 +183,23 @@ def fmt_ci(acc: float | None, ci: tuple[float, float] | None, n: int | None) -> 
     return f"{acc:.3f} [{ci[0]:.2f}, {ci[1]:.2f}] n={n}" if ci else f"{acc:.3f} n={n}"
 
 
-def plot_metrics(board, metrics_to_plot: list[str], title: str = ""):
-    """One bar chart per metric (models on the x axis); missing values are left blank."""
+def plot_metrics(board, metrics_to_plot: list[str], title: str = "", n: dict[str, int] | None = None,
+                 ci: dict[str, dict[str, tuple[float, float]]] | None = None):
+    """One bar chart per metric (models on the x axis); missing values are left blank. ``n``
+    puts each metric's sample count in its title; ``ci`` draws 95% intervals as error bars."""
     import matplotlib.pyplot as plt
 
     cols = [m for m in metrics_to_plot if m in board.columns]
     fig, axes = plt.subplots(1, len(cols), figsize=(3.2 * len(cols), 3.4), squeeze=False)
     for ax, m in zip(axes[0], cols):
         vals = board[m].astype(float)
-        ax.bar(range(len(vals)), vals.fillna(0).values, color=["#3b7dd8" if v == v else "#cccccc" for v in vals])
+        bars = (ci or {}).get(m, {})
+        err = [[max(v - bars[k][0], 0) if k in bars else 0 for k, v in vals.items()],
+               [max(bars[k][1] - v, 0) if k in bars else 0 for k, v in vals.items()]]
+        ax.bar(range(len(vals)), vals.fillna(0).values, yerr=err if bars else None, capsize=2, color="#3b7dd8")
         ax.set_xticks(range(len(vals)))
         ax.set_xticklabels(board.index, rotation=60, ha="right", fontsize=7)
-        ax.set_title(m, fontsize=9)
+        ax.set_title(m + (f" (n={n[m]})" if n and m in n else ""), fontsize=9)
     fig.suptitle(title)
     fig.tight_layout()
     return fig
