@@ -70,7 +70,16 @@ PROFILES: dict[str, dict[str, Any]] = {
             # models cannot write usable answers); the token budget is in whitespace tokens
             "agent": {"mode": "rules", "llm_model": None, "max_rounds": 3, "top_k": 5,
                       "memory_token_budget": 160, "keep_recent_turns": 2},
-            "eval": {"bertscore_model": "offline-minilm"},
+            # 08_benchmarking: modest subsets keep 08 near 2 minutes on 2 cores; every figure
+            # carries its n and a bootstrap interval. "shared:<file>" is ../shared/data/<file>.
+            "eval": {"bertscore_model": "offline-minilm", "n_qa": 120, "n_generate": 40, "n_mcq": 100,
+                     "n_mcq_generate": 24, "n_pubmedqa": 100, "n_bench_generate": 24, "n_latency": 20,
+                     "max_new_tokens": 64, "context_words": 120, "rag_k": 2, "n_boot": 1000,
+                     "allow_hub": False,
+                     "benchmarks": {"pubmedqa": "shared:pubmedqa_pqal.jsonl",
+                                    "mmlu": "shared:mmlu_medical_devval.jsonl",
+                                    "medmcqa": "shared:medmcqa_dev.jsonl",  # not in ../shared: skipped
+                                    "kqa": "shared:kqa.jsonl"}},  # not in ../shared: skipped
             # vLLM on 2 CPU cores; the load benchmark runs on a ~28M-parameter decoder built here
             # (the tiny SFT model is so small that every engine is bound by per-request overhead)
             "serve": {"engine": "vllm-cpu", "max_model_len": 256, "tensor_parallel_size": 1,
@@ -113,7 +122,12 @@ PROFILES: dict[str, dict[str, Any]] = {
             # 07_agent: the DPO model drafts, refines and summarises; the rule auditor checks every draft
             "agent": {"mode": "llm", "llm_model": "artifact:dpo_model", "max_rounds": 2, "top_k": 5,
                       "memory_token_budget": 768, "keep_recent_turns": 4},
-            "eval": {"bertscore_model": "microsoft/deberta-xlarge-mnli"},
+            "eval": {"bertscore_model": "microsoft/deberta-xlarge-mnli", "n_qa": 400, "n_generate": 200,
+                     "n_mcq": 400, "n_mcq_generate": 200, "n_pubmedqa": 500, "n_bench_generate": 200,
+                     "n_latency": 50, "max_new_tokens": 256, "context_words": 400, "rag_k": 3,
+                     "n_boot": 1000, "allow_hub": True,
+                     "benchmarks": {"pubmedqa": "qiaojin/PubMedQA", "mmlu": "cais/mmlu",
+                                    "medmcqa": "openlifescienceai/medmcqa", "kqa": "shared:kqa.jsonl"}},
             "serve": {"engine": "vllm", "max_model_len": 2048, "tensor_parallel_size": 1,
                       "pipeline_parallel_size": 1, "kv_cache_gib": 0, "max_tokens_cap": 512,
                       "bench_model": "artifact:sft_model", "bench_concurrency": [1, 8, 32, 64],
@@ -153,7 +167,12 @@ PROFILES: dict[str, dict[str, Any]] = {
             # 07_agent: the DPO model drafts, refines and summarises; the rule auditor checks every draft
             "agent": {"mode": "llm", "llm_model": "artifact:dpo_model", "max_rounds": 2, "top_k": 5,
                       "memory_token_budget": 1024, "keep_recent_turns": 4},
-            "eval": {"bertscore_model": "microsoft/deberta-xlarge-mnli"},
+            "eval": {"bertscore_model": "microsoft/deberta-xlarge-mnli", "n_qa": 400, "n_generate": 200,
+                     "n_mcq": 400, "n_mcq_generate": 200, "n_pubmedqa": 500, "n_bench_generate": 200,
+                     "n_latency": 50, "max_new_tokens": 256, "context_words": 400, "rag_k": 3,
+                     "n_boot": 1000, "allow_hub": True,
+                     "benchmarks": {"pubmedqa": "qiaojin/PubMedQA", "mmlu": "cais/mmlu",
+                                    "medmcqa": "openlifescienceai/medmcqa", "kqa": "shared:kqa.jsonl"}},
             "serve": {"engine": "vllm", "max_model_len": 4096, "tensor_parallel_size": 1,
                       "pipeline_parallel_size": 1, "kv_cache_gib": 0, "max_tokens_cap": 512,
                       "bench_model": "artifact:sft_model", "bench_concurrency": [1, 8, 32, 64],

@@ -1,0 +1,214 @@
+"""08_benchmarking helpers: benchmark loaders (schemas, skips), scorers for decoder and
+encoder-decoder folders, bootstrap intervals, citation support, the ledger and the CLI."""
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+from medkit import config, run, tiny
+from medkit import kb as K
+from medkit.data import generate
+from medkit.evaluate import bench, leaderboard as lb, mcq
+from medkit.train import common
+
+SMALL = dict(config.PROFILES["tiny"]["tiny"], vocab_size=1024, pretrain_steps=30, pretrain_seq_len=64,
+             pretrain_batch=8, lr=5e-3)
+
+
+@pytest.fixture(scope="module")
+def kbase():
+    return K.load()
+
+
+@pytest.fixture(scope="module")
+def texts(kbase):
+    return [p["text"] for p in generate.passages(kbase)][:400]
+
+
+@pytest.fixture(scope="module")
+def qwen(tmp_path_factory, texts):
+    return tiny.build_base("qwen2", texts, SMALL, seed=0, cache=tmp_path_factory.mktemp("tiny"), progress=False)
+
+
+@pytest.fixture(scope="module")
+def t5(tmp_path_factory, texts):
+    return tiny.build_base("t5", texts, SMALL, seed=0, cache=tmp_path_factory.mktemp("tiny"), progress=False)
+
+
+@pytest.fixture(scope="module")
+def mcqs(kbase):
+    return generate.mcqs(kbase)[:12]
+
+
+def _write(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+# ---------------------------------------------------------------- benchmark files
+
+def test_pubmedqa_wrong_schema_names_row_and_field(tmp_path):
+    good = {"id": "1", "question": "Q?", "contexts": ["c"], "final_decision": "yes", "split": "test"}
+    f = _write(tmp_path / "p.jsonl", [good, {k: v for k, v in good.items() if k != "final_decision"} | {"id": "2"}])
+    with pytest.raises(bench.BenchmarkError, match=r"pubmedqa row 1 \(id 2\): missing field 'final_decision'"):
+        bench.load_pubmedqa(f)
+    f = _write(tmp_path / "q.jsonl", [good | {"final_decision": "probably"}])
+    with pytest.raises(bench.BenchmarkError, match="not yes/no/maybe"):
+        bench.load_pubmedqa(f)
+
+
+def test_mmlu_and_kqa_wrong_schema_name_the_field(tmp_path):
+    f = _write(tmp_path / "m.jsonl", [{"id": "m1", "question": "Q", "choices": ["a", "b", "c", "d"]}])
+    with pytest.raises(bench.BenchmarkError, match="missing field 'answer'"):
+        bench.load_mmlu_medical(f)
+    f = _write(tmp_path / "k.jsonl", [{"Question": "Q", "Must_have": []}])
+    with pytest.raises(bench.BenchmarkError, match="missing field 'Must_have'"):
+        bench.load_kqa(f)
+    f = _write(tmp_path / "d.jsonl", [{"question": "Q", "opa": "a", "opb": "b", "opc": "c", "opd": "d"}])
+    with pytest.raises(bench.BenchmarkError, match="missing field 'cop'"):
+        bench.load_medmcqa(f)
+
+
+def test_absent_benchmarks_skip_cleanly(tmp_path, monkeypatch):
+    with pytest.raises(bench.BenchmarkMissing, match="no file"):
+        bench.load_medmcqa(tmp_path / "medmcqa_dev.jsonl")
+    with pytest.raises(bench.BenchmarkMissing, match="GPU profiles"):
+        bench.load_medmcqa("openlifescienceai/medmcqa")  # a hub id without allow_hub
+    monkeypatch.setenv("MEDKIT_SHARED_DATA", str(tmp_path / "nowhere"))
+    assert bench.resolve_source("shared:kqa.jsonl") is None
+    assert bench.resolve_source("shared:kqa.jsonl", tmp_path) == str(tmp_path / "kqa.jsonl")
+
+
+def test_real_pubmedqa_test_split_and_mmlu_val(shared_data):
+    rows = bench.load_pubmedqa(shared_data / "pubmedqa_pqal.jsonl", "test")
+    assert len(rows) == 500 and all(r["contexts"] and r["final_decision"] in bench.PUBMEDQA_LABELS for r in rows)
+    mm = bench.load_mmlu_medical(shared_data / "mmlu_medical_devval.jsonl", "val")
+    assert len(mm) == 153 - 30 and mcq.validate(mm, "mmlu")
+
+
+@pytest.mark.parametrize("text,want", [("Yes, because", "yes"), ("Answer: maybe.", "maybe"), ("no", "no"),
+                                       ("It is yes", None), ("nothing", None), ("", None)])
+def test_decision_extraction_is_strict(text, want):
+    assert bench.extract_decision(text) == want
+
+
+# ---------------------------------------------------------------- scorers
+
+def test_decoder_scorer_agrees_with_the_mcq_module(qwen, mcqs):
+    s = bench.load_scorer(qwen.path, "qwen")
+    assert s.kind == "causal" and not s.reasoning
+    res = bench.score_mcq(s, mcqs, n_generate=4)
+    ll = mcq.loglik_choices(s.model, s.tok, mcqs)
+    assert res["correct_norm"] == [r["correct"] for r in ll]
+    raw = mcq.loglik_choices(s.model, s.tok, mcqs, per_token=False)
+    assert res["correct_raw"] == [r["correct"] for r in raw]
+    assert res["n_gen"] == 4 and 0 <= res["format_rate_gen"] <= 1
+    # the fast path (sorted, left-padded, head over the completion only) gives the training module's numbers
+    qs, ans = [r["question"] for r in mcqs], [mcq.target_text(r) for r in mcqs]
+    ref = common.completion_scores(s.model, s.tok, [common.messages(q) for q in qs], ans)
+    sums, counts, right = s.loglik_detail(qs, ans, common.SYSTEM_PROMPT)
+    assert abs(-sum(sums) / sum(counts) - ref["loss"]) < 1e-4
+    assert abs(sum(right) / sum(counts) - ref["token_accuracy"]) < 1e-9
+
+
+def test_seq2seq_loglik_matches_the_model_loss(t5):
+    import torch
+
+    s = bench.load_scorer(t5.path, "t5")
+    assert s.kind == "seq2seq"
+    q, a = "What are the symptoms of asthma?", "Wheeze and shortness of breath."
+    sums, counts = s.loglik([q], [a], system="ignored")
+    enc = s.tok([q], return_tensors="pt")
+    lab = s.tok(text_target=[a], return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        loss = float(s.model(**enc, labels=lab).loss)
+    assert abs(-sums[0] / counts[0] - loss) < 1e-4
+    g = s.generate([q], "ignored", max_new_tokens=5)[0]
+    assert g["new_tokens"] <= 5 and isinstance(g["text"], str)
+
+
+def test_scorer_errors_name_the_folder(qwen, tmp_path):
+    with pytest.raises(ValueError, match="no such model folder"):
+        bench.load_scorer(tmp_path / "absent")
+    folder = tmp_path / "no_tok"
+    shutil.copytree(qwen.path, folder)
+    for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "chat_template.jinja",
+              "special_tokens_map.json"):
+        (folder / f).unlink(missing_ok=True)
+    with pytest.raises(ValueError, match="no_tok: the model folder has no tokenizer"):
+        bench.load_scorer(folder)
+
+
+def test_latency_reports_every_request(qwen):
+    s = bench.load_scorer(qwen.path)
+    lat = s.latency(["What is asthma?", "What is gout?"], "sys", n=3, max_new_tokens=4)
+    assert len(lat["times_ms"]) == 3 and lat["p50_ms"] <= lat["p95_ms"] and lat["tokens_per_s"] > 0
+
+
+# ---------------------------------------------------------------- statistics, citations, ledger
+
+def test_bootstrap_interval_holds_the_mean_and_narrows_with_n():
+    small = [1, 0] * 20
+    big = [1, 0] * 500
+    lo, hi = lb.bootstrap_ci(small)
+    assert lo < 0.5 < hi
+    blo, bhi = lb.bootstrap_ci(big)
+    assert blo < 0.5 < bhi and (bhi - blo) < (hi - lo) / 3
+    assert lb.bootstrap_ci([1, 1, 1]) == (1.0, 1.0)
+
+
+def test_citation_support_flags_a_claim_its_passage_does_not_hold():
+    ev = {"E1": "Asthma causes wheeze, cough and shortness of breath.", "E2": "Gout is treated with colchicine."}
+    ok = lb.citation_support("Asthma causes wheeze and cough [E1].", ev)
+    assert ok == {"cited": 1, "unsupported": 0, "unknown": 0}
+    bad = lb.citation_support("Asthma is cured by colchicine tablets daily [E1]. It spreads fast [E9].", ev)
+    assert bad["cited"] == 2 and bad["unsupported"] == 2 and bad["unknown"] == 1
+
+
+def test_failure_table_counts_patterns_with_fixes():
+    replies = [{"text": "Please consult your doctor.", "stopped": True},
+               {"text": " ".join(["word"] * 80), "stopped": False},
+               {"text": "Wheeze and cough.", "stopped": True}]
+    refs = ["Wheeze, cough and breathlessness."] * 3
+    table = lb.failure_table({"m": {"qa": (replies, refs)}})
+    counts = dict(zip(table["pattern"], table["count"]))
+    assert counts["generic_non_answer"] == 1 and counts["verbose"] == 1 and counts["truncated"] == 1
+    assert "empty" not in counts and table["suggested_fix"].str.len().min() > 10
+
+
+def test_ledger_moves_are_flagged_by_the_runner_compare():
+    old = {"models": {"sft": {"ROUGE-L": 0.20, "PubMedQA acc": 0.55, "notes": "x"}}}
+    new = {"models": {"sft": {"ROUGE-L": 0.12, "PubMedQA acc": 0.56, "notes": "x"}}}
+    moved = run.compare(lb.as_summary(old), lb.as_summary(new))
+    assert [m["metric"] for m in moved] == ["sft.ROUGE-L"]
+
+
+def test_must_have_coverage_counts_statements():
+    must = ["Asthma causes wheeze", "Gout is treated with colchicine"]
+    assert lb is not None and bench.must_have_coverage("Asthma causes wheeze at night.", must) == 0.5
+
+
+# ---------------------------------------------------------------- the entry point
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "medkit.evaluate", *map(str, args)], capture_output=True,
+                          text=True, cwd=REPO, timeout=300)
+
+
+def test_cli_prints_json_and_rejects_bad_input(qwen, tmp_path):
+    rows = [{"id": str(i), "question": f"Does drug {i} lower blood pressure?", "contexts": ["A trial found it did."],
+             "final_decision": "yes" if i % 2 else "no", "split": "test"} for i in range(6)]
+    good = _write(tmp_path / "pubmedqa.jsonl", rows)
+    proc = _cli("--model", qwen.path, "--bench", "pubmedqa", "--data", good, "--with-context", "--generate", "2")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout)
+    assert out["n"] == 6 and 0 <= out["acc_norm"] <= 1 and len(out["ci95_norm"]) == 2
+    assert out["with_context"] is True and "not medical advice" in out["notice"]
+    bad = _write(tmp_path / "bad.jsonl", [{k: v for k, v in rows[0].items() if k != "contexts"}])
+    proc = _cli("--model", qwen.path, "--bench", "pubmedqa", "--data", bad)
+    assert proc.returncode == 2 and "missing field 'contexts'" in proc.stderr
+    proc = _cli("--model", tmp_path, "--bench", "pubmedqa", "--data", good)
+    assert proc.returncode == 2 and "not a model folder" in proc.stderr
