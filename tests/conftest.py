@@ -6,6 +6,17 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
+# the tiny-model settings the unit tests build their throwaway bases with (seconds, not minutes)
+SMALL_TINY = dict(vocab_size=1024, pretrain_steps=30, pretrain_seq_len=64, pretrain_batch=8, lr=5e-3)
+
+
+@pytest.fixture(scope="session")
+def kbase():
+    from medkit import kb
+
+    return kb.load()
+
+
 @pytest.fixture
 def out_root(tmp_path, monkeypatch):
     """A private MEDKIT_OUTPUT_DIR so tests never touch the course's outputs/."""

@@ -3,7 +3,6 @@ agent loop, the scenario suite and the headless chat cell. No model or embedder 
 retriever is BM25 over the knowledge-base passages."""
 import asyncio
 import json
-import os
 import sqlite3
 import subprocess
 import sys

@@ -7,18 +7,12 @@ import sys
 
 import pytest
 
-from conftest import REPO
-from medkit import config, kb as K, metrics, tiny
+from conftest import REPO, SMALL_TINY
+from medkit import config, metrics, tiny
 from medkit.data import generate
 from medkit.train import common, dpo, sft
 
-SMALL = dict(config.PROFILES["tiny"]["tiny"], vocab_size=1024, pretrain_steps=30, pretrain_seq_len=64,
-             pretrain_batch=8, lr=5e-3)
-
-
-@pytest.fixture(scope="module")
-def kbase():
-    return K.load()
+SMALL = dict(config.PROFILES["tiny"]["tiny"], **SMALL_TINY)
 
 
 @pytest.fixture(scope="module")

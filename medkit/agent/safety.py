@@ -12,7 +12,6 @@ emergency instruction goes first, warnings are appended) and listed in the repor
 """
 from __future__ import annotations
 
-import re
 from functools import lru_cache
 from typing import Any
 

@@ -190,19 +190,10 @@ class Store:
         with self._lock:
             rows = self.conn.execute("SELECT kind, value FROM entities WHERE patient_id=? ORDER BY updated, value",
                                      (patient_id,)).fetchall()
-        mem: dict[str, Any] = {"allergies": [], "conditions": [], "medications": [], "age": None, "sex": None,
-                               "pregnant": None}
-        plural = {"allergy": "allergies", "condition": "conditions", "medication": "medications"}
-        for kind, value in rows:
-            if kind in plural:
-                mem[plural[kind]].append(value)
-            elif kind == "age":
-                mem["age"] = float(value)
-            elif kind == "pregnant":
-                mem["pregnant"] = value == "true"
-            else:
-                mem[kind] = value
-        return mem
+        from .memory import apply
+
+        empty = {"allergies": [], "conditions": [], "medications": [], "age": None, "sex": None, "pregnant": None}
+        return apply(empty, [(k, v) for k, v in rows], [])
 
     def remember(self, patient_id: str, kind: str, value: Any, source: str = "user edit") -> None:
         """Add (or for age/sex/pregnant, set) one remembered fact, in its own transaction."""

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..kb import KnowledgeBase
-from . import dense, fusion, metrics, pipeline, query, sparse, text
+from . import dense, fusion, metrics, pipeline, query, sparse
 
 # which passage section answers which question type
 SECTION_OF = {"symptoms": "symptoms", "causes": "overview", "diagnosis": "diagnosis", "treatment": "treatment",

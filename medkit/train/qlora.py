@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .common import precision_flags, torch_dtype
+from .common import torch_dtype
 
 
 def compute_dtype(cfg: dict[str, Any], model_type: str = "") -> str:
