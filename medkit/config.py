@@ -54,7 +54,7 @@ PROFILES: dict[str, dict[str, Any]] = {
                       "hpo": {"ranks": [8, 32], "lrs": [1e-3, 4e-3], "steps": 10},
                       "lora": {"r": 32, "alpha": 64, "dropout": 0.1,
                                "target_modules": ["q_proj", "k_proj", "v_proj", "dense"]}},
-            "cot": {"base_model": "tiny:llama", "dataset": "course:cot", "max_steps": 100,
+            "cot": {"base_model": "tiny:llama", "dataset": "course:cot", "max_steps": 300,
                     # FEMOZ's batch 2 × accumulation 4; seq_len covers the longest case (~410 tokens)
                     "batch_size": 2, "grad_accum": 4, "seq_len": 448, "lr": 1e-2,
                     "use_unsloth": False, "warmup_steps": 5,

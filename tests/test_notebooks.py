@@ -191,7 +191,7 @@ def test_05_cot_learns_the_reasoning_format(course_run):
     assert m["cot.path"] == "transformers"  # no GPU in CI: Unsloth must not be imported
     assert m["cot.eval_loss_after"] < 0.8 * m["cot.eval_loss_before"]
     assert m["cot.think_rate_after"] >= m["cot.think_rate_before"] + 0.5  # it learns to close <think>
-    assert m["cot.format_ok_after"] >= m["cot.format_ok_before"]
+    assert m["cot.format_ok_after"] > m["cot.format_ok_before"]  # 300 steps: 0 -> 0.34 in run x05
     # issue #5 asks for format_ok_after >= 0.9; the tiny model does not reach it yet (see README)
     assert (root / "runs" / "ci" / "05_r1_cot_unsloth" / "merged" / "config.json").exists()
 

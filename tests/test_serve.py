@@ -444,19 +444,28 @@ def test_sigterm_lets_the_request_in_flight_finish(gateway):
 
 # --- the agent's endpoints (run once medkit.agent is merged) --------------------------------
 
-def test_chat_with_the_agent(client, hf_engines):
+def test_chat_with_the_agent(client, hf_engines, tmp_path):
     agent_mod = pytest.importorskip("medkit.agent")
     from fastapi.testclient import TestClient
 
-    from medkit import notebook
+    from medkit import kb as knowledge_base
+    from medkit.data import generate
+    from medkit.rag import dense, evaluate, query, text
 
-    session = notebook.start("07_agent", "tiny", 0, quiet=True)
-    agent = agent_mod.MedicalAgent.from_session(session)
+    # a self-contained agent: the course's own passages for a few conditions, no earlier run needed
+    kb = knowledge_base.load()
+    passages = [p for p in generate.passages(kb) if p["ref"] in ("myocardial_infarction", "asthma", "gout")]
+    chunks = text.chunk(passages)
+    analyzer = query.QueryAnalyzer(kb)
+    retriever, _ = evaluate.build(chunks, dense.load_encoder(), dense.chroma_client(tmp_path / "chroma"), analyzer)
+    agent = agent_mod.MedicalAgent(kb, retriever, tmp_path / "agent.sqlite",
+                                   passages={c["id"]: c["text"] for c in chunks}, analyzer=analyzer)
     with TestClient(api.create_app(hf_engines[0].url, agent=agent)) as c:
         r = c.post("/chat", json={"message": "I have chest pain and I am sweating", "patient_id": "p1"})
         body = r.json()
         assert r.status_code == 200
         assert {"session_id", "answer", "citations", "triage", "notice"} <= set(body)
+        assert body["triage"]["level"] == "HIGH"
         again = c.post("/chat", json={"message": "What should I do?", "patient_id": "p1",
                                       "session_id": body["session_id"]}).json()
         assert again["session_id"] == body["session_id"]
