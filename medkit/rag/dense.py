@@ -49,6 +49,7 @@ class DenseIndex:
     def __init__(self, chunks: list[dict[str, Any]], encoder, client, collection: str = "medkit_passages",
                  batch_size: int = 256, embedder: str = "", reuse: bool = False):
         self.encoder = encoder
+        self._qcache: dict[str, list[float]] = {}
         self.texts = {c["id"]: c["text"] for c in chunks}
         self.hash = content_hash(chunks, embedder or "unnamed")
         self.status, self.reason = "built", ""
@@ -89,7 +90,7 @@ class DenseIndex:
 
     def embed_query(self, query: str) -> list[float]:
         """The query's embedding (kept while ``cache_queries`` is on; latency is timed with it off)."""
-        cache = self.__dict__.setdefault("_qcache", {})
+        cache = self._qcache
         if not self.cache_queries:
             cache.clear()
             return self.encoder.encode([query], normalize_embeddings=True, show_progress_bar=False)[0].tolist()
