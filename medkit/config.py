@@ -61,7 +61,8 @@ PROFILES: dict[str, dict[str, Any]] = {
                     # the tiny base never saw the reasoning delimiters: train their embedding rows
                     "train_tokens": ["<think>", "</think>"],
                     "lora": {"r": 16, "alpha": 16, "dropout": 0.0, "target_modules": _LLAMA_ALL}},
-            "rag": {"embedder": "offline-minilm", "reranker": "query-adapter", "top_k": 10, "rerank_k": 3,
+            # ":int8": MiniLM with int8 dynamic quantisation (medkit.rag.dense.load_encoder)
+            "rag": {"embedder": "offline-minilm:int8", "reranker": "query-adapter", "top_k": 10, "rerank_k": 3,
                     # the CPU reranker is trained here (medkit.rag.rerank): a query adapter over MiniLM
                     "reranker_train_questions": 1500, "adapter_epochs": 100, "adapter_lr": 1e-2,
                     "min_score": 0.5,  # abstain when the best reranked passage scores below this

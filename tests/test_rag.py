@@ -1,4 +1,4 @@
-"""Retrieval building blocks (the 06_rag notebook is still to come: issue #6)."""
+"""Retrieval building blocks of 06_rag."""
 import numpy as np
 import pytest
 
@@ -11,6 +11,27 @@ def test_tokenizer_keeps_drug_names_doses_and_codes():
     toks = text.tokenize("Co-amoxiclav 500 mg for the I21.9 MI; vitamin B12 and 5.5 cm aneurysm?")
     assert {"co-amoxiclav", "500mg", "i21.9", "b12", "5.5", "aneurysm"} <= set(toks)
     assert "the" not in toks and "for" not in toks
+
+
+def test_tokenizer_folds_plurals_but_not_words_that_only_end_in_s():
+    toks = text.tokenize("Symptoms, therapies, abscess, virus, psoriasis, 5 units")
+    assert toks == ["symptom", "therapy", "abscess", "virus", "psoriasis", "5units"]
+    assert text.tokenize("symptom") == text.tokenize("symptoms")
+
+
+def test_int8_encoder_keeps_the_ranking_of_the_fp32_one():
+    sentences = ["How do I use a salbutamol inhaler for asthma?", "Gout flares: colchicine and NSAIDs.",
+                 "Amoxicillin dose for adults", "Asthma is treated with inhaled corticosteroids and a reliever."]
+    fp32 = dense.load_encoder().encode(sentences, normalize_embeddings=True)
+    int8 = dense.load_encoder("offline-minilm:int8").encode(sentences, normalize_embeddings=True)
+    assert int8.shape == fp32.shape
+    assert np.allclose(np.linalg.norm(int8, axis=1), 1.0, atol=1e-4)
+    assert (int8 * fp32).sum(1).min() > 0.8  # close to, not equal to, the fp32 vectors
+    assert not np.allclose(int8, fp32, atol=1e-3)
+    # the asthma question's nearest passage is the asthma one under both
+    assert int(np.argmax(fp32[3:] @ fp32[0])) == int(np.argmax(int8[3:] @ int8[0])) == 0
+    with pytest.raises(ValueError, match="CPU only"):
+        dense.load_encoder("offline-minilm:int8", device="cuda")
 
 
 def test_chunks_keep_stable_ids_and_metadata():

@@ -16,10 +16,10 @@ def main(argv=None) -> int:
     ev = sub.add_parser("evaluate", help="each question must retrieve its own answer")
     ev.add_argument("--data", required=True, help="jsonl/csv/parquet with question and answer fields")
     ev.add_argument("--limit", type=int, default=None)
-    ev.add_argument("--embedder", default="offline-minilm")
+    ev.add_argument("--embedder", default="offline-minilm:int8", help="offline-minilm[:int8] or a hub id")
     sc = sub.add_parser("scale", help="build time and query latency as the corpus grows (course chunks, copied)")
     sc.add_argument("--sizes", default="1000,10000,50000")
-    sc.add_argument("--embedder", default="offline-minilm")
+    sc.add_argument("--embedder", default="offline-minilm:int8")
     args = ap.parse_args(argv)
 
     if args.cmd == "scale":

@@ -11,10 +11,31 @@ from typing import Any
 from ..metrics import OFFLINE_MINILM, minilm_path
 
 
+INT8 = ":int8"
+
+
 def load_encoder(name: str = OFFLINE_MINILM, device: str = "cpu"):
+    """A sentence-transformers encoder. ``offline-minilm`` is the all-MiniLM-L6-v2 copy shipped
+    in a PyPI package (no download). A ``:int8`` suffix (``offline-minilm:int8``, the tiny
+    profile's embedder) quantises every ``Linear`` layer to int8 with PyTorch's dynamic
+    quantisation, CPU only: in 06_rag it embedded ~3x faster than fp32 with the same MedQuAD
+    recall@5 (0.877 vs 0.876). The suffix is part of the embedder name, so the stored index's
+    content hash tells int8 vectors from fp32 ones."""
+    import warnings
+
     from sentence_transformers import SentenceTransformer
 
-    return SentenceTransformer(minilm_path() if name == OFFLINE_MINILM else name, device=device)
+    base, int8 = (name[: -len(INT8)], True) if name.endswith(INT8) else (name, False)
+    if int8 and device != "cpu":
+        raise ValueError(f"embedder {name!r}: int8 dynamic quantisation runs on the CPU only (device {device!r})")
+    model = SentenceTransformer(minilm_path() if base == OFFLINE_MINILM else base, device=device)
+    if not int8:
+        return model
+    import torch
+
+    with warnings.catch_warnings():  # torch 2.13 points eager-mode quantisation users to torchao
+        warnings.simplefilter("ignore")
+        return torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
 
 
 def chroma_client(path: str | Path | None = None, host: str | None = None, port: int = 8000):
@@ -47,7 +68,7 @@ class DenseIndex:
     (with the reason in ``self.reason``)."""
 
     def __init__(self, chunks: list[dict[str, Any]], encoder, client, collection: str = "medkit_passages",
-                 batch_size: int = 256, embedder: str = "", reuse: bool = False):
+                 batch_size: int = 256, embedder: str = "", reuse: bool = False, encode_batch: int = 16):
         self.encoder = encoder
         self._qcache: dict[str, list[float]] = {}
         self.texts = {c["id"]: c["text"] for c in chunks}
@@ -75,7 +96,8 @@ class DenseIndex:
                                             metadata={"hnsw:space": "cosine", "content_hash": self.hash})
         for i in range(0, len(chunks), batch_size):
             part = chunks[i: i + batch_size]
-            emb = encoder.encode([c["text"] for c in part], batch_size=64, normalize_embeddings=True,
+            # small encode batches pad less (the encoder sorts by length inside each call)
+            emb = encoder.encode([c["text"] for c in part], batch_size=encode_batch, normalize_embeddings=True,
                                  show_progress_bar=False)
             self.add(part, emb)
 

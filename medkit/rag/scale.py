@@ -38,7 +38,7 @@ def measure(chunks: list[dict[str, Any]], encoder, queries: list[str], sizes=(10
     size), build docs/s, and query p50/p95 (rewrite off, no reranker) over ``n_queries``."""
     sample = [c["text"] for c in chunks[:embed_sample]]
     t = time.perf_counter()
-    base = encoder.encode(sample, batch_size=64, normalize_embeddings=True, show_progress_bar=False)
+    base = encoder.encode(sample, batch_size=16, normalize_embeddings=True, show_progress_bar=False)
     embed_rate = len(sample) / (time.perf_counter() - t)
     rng = np.random.default_rng(seed)
     rows = []
