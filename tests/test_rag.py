@@ -146,6 +146,11 @@ def test_dense_index_reloads_without_reembedding_and_rebuilds_a_corrupt_store(tm
     fixed = dense.open_index(changed, enc, tmp_path / "idx", "minilm", log=logs.append)
     assert fixed.status == "rebuilt" and "could not be opened" in logs[-1] and (tmp_path / "idx.corrupt").exists()
     assert fixed.search("big toe", 1)[0][0] == "c1"
+    calls = enc.calls
+    dense.remove_index(tmp_path / "idx")  # what 06 does before it times a build
+    assert not (tmp_path / "idx").exists()
+    rebuilt = dense.open_index(changed, enc, tmp_path / "idx", "minilm", log=logs.append)
+    assert rebuilt.status == "built" and enc.calls == calls + 4 and "no stored index" in logs[-1]
 
 
 def _evidence():

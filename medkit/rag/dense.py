@@ -136,6 +136,15 @@ class DenseIndex:
         return [(i, 1.0 - float(d)) for i, d in zip(res["ids"][0], res["distances"][0])]
 
 
+def remove_index(path: str | Path) -> None:
+    """Delete a stored index (and forget chroma's cached client for it), so that the next
+    ``open_index`` is a real build: 06_rag does this before it times one."""
+    from chromadb.api.client import SharedSystemClient
+
+    SharedSystemClient.clear_system_cache()
+    shutil.rmtree(path, ignore_errors=True)
+
+
 def open_index(chunks: list[dict[str, Any]], encoder, path: str | Path, embedder: str,
                collection: str = "medkit_passages", log=print) -> DenseIndex:
     """The persistent dense index under ``path``: reloaded without re-embedding when its content
