@@ -68,7 +68,7 @@ class DenseIndex:
     (with the reason in ``self.reason``)."""
 
     def __init__(self, chunks: list[dict[str, Any]], encoder, client, collection: str = "medkit_passages",
-                 batch_size: int = 256, embedder: str = "", reuse: bool = False, encode_batch: int = 16):
+                 batch_size: int = 1024, embedder: str = "", reuse: bool = False, encode_batch: int = 16):
         self.encoder = encoder
         self._qcache: dict[str, list[float]] = {}
         self.texts = {c["id"]: c["text"] for c in chunks}
@@ -94,16 +94,19 @@ class DenseIndex:
             pass
         self.col = client.create_collection(collection, embedding_function=None,
                                             metadata={"hnsw:space": "cosine", "content_hash": self.hash})
+        if not chunks:
+            return
+        # one encode call sorts every chunk by length, and small batches pad less
+        emb = encoder.encode([c["text"] for c in chunks], batch_size=encode_batch, normalize_embeddings=True,
+                             show_progress_bar=False)
         for i in range(0, len(chunks), batch_size):
-            part = chunks[i: i + batch_size]
-            # small encode batches pad less (the encoder sorts by length inside each call)
-            emb = encoder.encode([c["text"] for c in part], batch_size=encode_batch, normalize_embeddings=True,
-                                 show_progress_bar=False)
-            self.add(part, emb)
+            self.add(chunks[i: i + batch_size], emb[i: i + batch_size])
 
     def add(self, chunks: list[dict[str, Any]], embeddings) -> None:
         """Store chunks with embeddings computed elsewhere (the cost-growth benchmark reuses them)."""
-        self.col.add(ids=[c["id"] for c in chunks], embeddings=[list(map(float, e)) for e in embeddings],
+        import numpy as np
+
+        self.col.add(ids=[c["id"] for c in chunks], embeddings=np.asarray(embeddings, dtype=np.float32),
                      documents=[c["text"] for c in chunks],
                      metadatas=[{"source_id": c.get("source_id", c["id"])} for c in chunks])
         self.texts.update({c["id"]: c["text"] for c in chunks})
