@@ -42,10 +42,10 @@ PROFILES: dict[str, dict[str, Any]] = {
                     "batch_size": 16, "seq_len": 256, "lr": 3e-3,
                     # a 2-layer model keeps most of its capacity in the MLPs: adapt every linear layer
                     "lora": {"r": 64, "alpha": 128, "dropout": 0.05, "target_modules": _LLAMA_ALL}},
-            "t5": {"base_model": "tiny:t5", "dataset": "course:qa", "max_steps": 200,
+            "t5": {"base_model": "tiny:t5", "dataset": "course:qa", "max_steps": 150,
                    "batch_size": 16, "seq_len": 256, "lr": 2e-3},
             "dpo": {"base_model": "artifact:sft_model", "dataset": "course:pref_pairs",
-                    "max_steps": 60, "batch_size": 8, "seq_len": 256, "lr": 1e-3, "beta": 0.1,
+                    "max_steps": 80, "batch_size": 8, "seq_len": 256, "lr": 1e-3, "beta": 0.1,
                     "loss_type": "sigmoid",
                     "lora": {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": _LORA_QKVO}},
             # 4-bit matmuls on a CPU dequantise every step: a short budget keeps 04 near 2 minutes
