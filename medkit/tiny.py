@@ -323,6 +323,11 @@ def build_base(family: str, texts: list[str], tiny: dict[str, Any], seed: int = 
 
 
 def build_all(texts: list[str], tiny: dict[str, Any], seed: int = 0, families=FAMILIES,
-              progress: bool = True) -> dict[str, TinyBase]:
-    """Every tiny base the course uses, keyed by family."""
-    return {f: build_base(f, texts, tiny, seed, progress=progress) for f in families}
+              progress: bool = True, extra_texts: dict[str, list[str]] | None = None) -> dict[str, TinyBase]:
+    """Every tiny base the course uses, keyed by family. ``extra_texts[family]`` is added to
+    that family's corpus only (01_data gives the Llama the training reasoning cases)."""
+    extra_texts = extra_texts or {}
+    unknown = set(extra_texts) - set(families)
+    if unknown:
+        raise ValueError(f"extra_texts for unknown families {sorted(unknown)}; choose from {list(families)}")
+    return {f: build_base(f, texts + list(extra_texts.get(f, [])), tiny, seed, progress=progress) for f in families}

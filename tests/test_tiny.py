@@ -80,3 +80,16 @@ def test_bad_arguments_are_clear():
         tiny.build_base("gpt5", ["x"], SMALL)
     with pytest.raises(ValueError, match="non-empty corpus"):
         tiny.build_base("qwen2", ["  "], SMALL)
+    with pytest.raises(ValueError, match="unknown families"):
+        tiny.build_all(["x"], SMALL, extra_texts={"gpt5": ["y"]})
+
+
+def test_the_llama_alone_reads_the_training_reasoning_cases():
+    from medkit.data import pipeline
+
+    data = pipeline.build(K.load(), seed=0)
+    extra = pipeline.reasoning_corpus(data)
+    assert len(extra) == len(data.sets["cot"]["train"]) > 0
+    held_out = {r["Complex_CoT"] for split in ("validation", "test") for r in data.sets["cot"][split]}
+    assert held_out and not any(r.split("\n")[1] in held_out for r in extra)
+    assert all("**Diagnosis:**" in t and "**Treatment Plan:**" in t for t in extra)

@@ -134,3 +134,11 @@ def pretraining_corpus(data: CourseData) -> list[str]:
     texts = [p["text"] for p in data.sets["passages"]["all"]]
     texts += [f"{r['question']} {r['answer']}" for r in data.sets["qa"]["train"] if not r.get("augmented")]
     return texts
+
+
+def reasoning_corpus(data: CourseData) -> list[str]:
+    """Extra pre-training text for the tiny Llama, which stands in for DeepSeek-R1-Distill: the
+    *training* chain-of-thought cases as plain text (question, reasoning, response), so that,
+    like the real distilled model, the base has read worked reasoning before 05 teaches it the
+    ``<think>`` format. Held-out cases are never included."""
+    return [f"{r['Question']}\n{r['Complex_CoT']}\n{r['Response']}" for r in data.sets["cot"]["train"]]
