@@ -33,9 +33,11 @@ def synthetic_corpus(chunks: list[dict[str, Any]], n: int, seed: int = 0) -> lis
 
 
 def measure(chunks: list[dict[str, Any]], encoder, queries: list[str], sizes=(1000, 10000, 50000),
-            embed_sample: int = 500, n_queries: int = 100, seed: int = 0, log=print) -> list[dict[str, Any]]:
+            embed_sample: int = 500, n_queries: int = 100, seed: int = 0, warmup: int = 5,
+            log=print) -> list[dict[str, Any]]:
     """Per size: BM25 index seconds, chroma insert seconds, embedding seconds (measured rate ×
-    size), build docs/s, and query p50/p95 (rewrite off, no reranker) over ``n_queries``."""
+    size), build docs/s, and query p50/p95 (rewrite off, no reranker) over ``n_queries``, after
+    ``warmup`` untimed queries."""
     sample = [c["text"] for c in chunks[:embed_sample]]
     t = time.perf_counter()
     base = encoder.encode(sample, batch_size=16, normalize_embeddings=True, show_progress_bar=False)
@@ -58,6 +60,8 @@ def measure(chunks: list[dict[str, Any]], encoder, queries: list[str], sizes=(10
                 index.add(corpus[i: i + 1000], emb[i: i + 1000])
             insert_s = time.perf_counter() - t
             retriever = pipeline.HybridRetriever(bm25, index)
+            for q in queries[:warmup]:  # untimed: chroma loads a new collection's index on first use
+                retriever.search(q, 10, "hybrid", use_rewrite=False)
             lat = []
             for q in queries[:n_queries]:
                 t = time.perf_counter()
