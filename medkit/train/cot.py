@@ -205,9 +205,10 @@ def load_for_training(base_path: str, cfg: dict[str, Any]):
             target_modules=list(lora["target_modules"]), bias="none",
             use_gradient_checkpointing="unsloth", random_state=cfg.get("seed", 0))
         return model, tok, "unsloth"
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
 
     from .common import load_causal_lm
+    from .sft import lora_config
 
     model, tok = load_causal_lm(base_path, cfg["dtype"], cfg["device"])
     extra = {}
@@ -218,9 +219,7 @@ def load_for_training(base_path: str, cfg: dict[str, Any]):
         if tok.unk_token_id is not None and tok.unk_token_id in ids:
             raise ValueError(f"{base_path}: tokenizer lacks one of {cfg['train_tokens']}")
         extra["trainable_token_indices"] = ids
-    config = LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
-                        target_modules=list(lora["target_modules"]), task_type="CAUSAL_LM", **extra)
-    return get_peft_model(model, config), tok, "transformers"
+    return get_peft_model(model, lora_config(lora, **extra)), tok, "transformers"
 
 
 def to_dataset(rows: list[dict[str, Any]]):
@@ -264,7 +263,6 @@ def _model_loss_trainer_class():
             return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
 
     return ModelLossSFTTrainer
-
 
 
 def prepare_inference(model, path: str):

@@ -42,11 +42,13 @@ def padding_waste(lengths: list[int], batch_size: int, grouped: bool, seed: int 
     return 1 - real / padded if padded else 0.0
 
 
-def lora_config(lora: dict[str, Any], task_type: str = "CAUSAL_LM"):
+def lora_config(lora: dict[str, Any], task_type: str = "CAUSAL_LM", **extra: Any):
+    """peft ``LoraConfig`` from a profile's ``lora`` block; ``extra`` goes to ``LoraConfig``
+    (05 passes ``trainable_token_indices``)."""
     from peft import LoraConfig
 
     return LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
-                      target_modules=list(lora["target_modules"]), task_type=task_type)
+                      target_modules=list(lora["target_modules"]), task_type=task_type, **extra)
 
 
 def sft_config(cfg: dict[str, Any], out_dir: str | Path, eval_steps: int | None = None, **extra: Any):
