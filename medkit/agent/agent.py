@@ -300,9 +300,9 @@ class MedicalAgent:
             f"4. Retrieved: {[pid for pid, _ in state['retrieved']]}"
             + (" (skipped: the message only stated facts)" if state.get("retrieval_skipped") else ""),
             f"5. Draft ({'LLM' if self.llm else 'rules'}): {draft_text[:300]}",
-            *[f"{6 if i == 0 else 6}-7. Audit round {rd['round']}: "
+            *[f"6-7. Audit round {rd['round']}: "
               + ("no issues" if rd["ok"] else "; ".join(f"{x['type']} ({x['severity']}): {x['detail']}" for x in rd["issues"]))
-              for i, rd in enumerate(rounds)],
+              for rd in rounds],
             f"8. Safety: risk {report['risk_level']}, {len(report['warnings'])} warning(s)",
             f"Tools: {[(c['name'], 'ok' if c['ok'] else c['error']) for c in calls]}"])
         state["reply"] = Reply(state["session_id"], state["patient_id"], final, citations,

@@ -17,6 +17,7 @@ from typing import Any
 from ..kb import KnowledgeBase
 from . import ddi
 from .answer import WARNING_CUE, Sentence
+from .memory import RENAL
 
 _TREAT_Q = re.compile(r"\b(what (medicine|medication|tablets?|pills?|antibiotic|painkiller|treatment|can i|should i|"
                       r"helps?|do i take|is best)|how (is|do you|can i|should i) (it |this )?treat|how to treat|"
@@ -181,7 +182,7 @@ def drug_issues(kb: KnowledgeBase, did: str, memory: dict[str, Any]) -> list[dic
         elif d["pregnancy"] == "caution":
             issues.append({"type": "pregnancy", "severity": "caution", "drug": did, "evidence": f"drug.{did}.cautions",
                            "detail": f"{d['name']} needs caution in pregnancy: {d['pregnancy_note']}"})
-    if set(memory.get("conditions") or []) & {"chronic_kidney_disease", "acute_kidney_injury"}:
+    if set(memory.get("conditions") or []) & RENAL:
         renal = d["renal"]
         if re.search(r"\bavoid\b", renal, re.I):
             issues.append({"type": "renal", "severity": "block", "drug": did, "evidence": f"drug.{did}.cautions",

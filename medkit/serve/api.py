@@ -214,13 +214,7 @@ def create_app(engine_url: str | list[str], model: str | None = None, agent=None
             from ..agent import safety
         except ImportError as e:
             raise HTTPException(501, "use_safety needs the agent's safety validator (medkit.agent, notebook 07)") from e
-        _, report = safety.validate(answer, {})
-        if isinstance(report, dict):
-            return report
-        if hasattr(report, "to_dict"):
-            return report.to_dict()
-        import dataclasses
-        return dataclasses.asdict(report) if dataclasses.is_dataclass(report) else dict(report)
+        return safety.validate(answer, {})[1]
 
     def _payload(req: GenerateRequest, name: str, stream: bool) -> dict[str, Any]:
         body = {"model": name, "messages": [{"role": "system", "content": system_prompt},
