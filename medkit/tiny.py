@@ -162,6 +162,18 @@ def new_model(family: str, tok, tiny: dict[str, Any], seed: int = 0):
     return auto.from_config(cfg)
 
 
+def family_settings(tiny: dict[str, Any], family: str) -> dict[str, Any]:
+    """The ``tiny`` block for one family: the shared settings with that family's own changes
+    (``tiny["families"][family]``, e.g. a longer pre-training) laid over them."""
+    shared = {k: v for k, v in tiny.items() if k != "families"}
+    own = (tiny.get("families") or {}).get(family, {})
+    unknown = set(own) - set(shared)
+    if unknown:
+        raise ValueError(f"tiny.families.{family}: unknown setting(s) {sorted(unknown)}; "
+                         f"choose from {sorted(shared)}")
+    return {**shared, **own}
+
+
 def split_texts(texts: list[str], eval_share: float = 0.05) -> tuple[list[str], list[str]]:
     """Deterministic split by a hash of each text: the same text always lands on the same side."""
     train, held = [], []
@@ -294,6 +306,7 @@ def build_base(family: str, texts: list[str], tiny: dict[str, Any], seed: int = 
     texts = [t for t in texts if t and t.strip()]
     if not texts:
         raise ValueError("build_base needs a non-empty corpus of texts")
+    tiny = family_settings(tiny, family)
     key = _hash(sorted(texts), tiny, seed, family, BUILD_VERSION)
     root = (cache or paths.cache_dir()) / "tiny"
     folder = root / f"{family}-{key}"

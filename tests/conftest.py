@@ -7,7 +7,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 # the tiny-model settings the unit tests build their throwaway bases with (seconds, not minutes)
-SMALL_TINY = dict(vocab_size=1024, pretrain_steps=30, pretrain_seq_len=64, pretrain_batch=8, lr=5e-3)
+SMALL_TINY = dict(vocab_size=1024, pretrain_steps=30, pretrain_seq_len=64, pretrain_batch=8, lr=5e-3,
+                  families={})  # no per-family budgets: every throwaway base trains 30 steps
 
 
 @pytest.fixture(scope="session")

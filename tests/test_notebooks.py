@@ -80,7 +80,8 @@ def test_01_data_metrics(course_run):
 def test_02_sft_changes_the_model_on_held_out_data(course_run):
     _, summary, root = course_run
     m = _metrics(summary, "02_sft")
-    assert m["sft.eval_loss_after"] < 0.9 * m["sft.eval_loss_before"]
+    # issue #4's target: held-out answer loss at most 0.7x the base's (0.669 over seeds 0-2, 2026-11-23)
+    assert m["sft.eval_loss_after"] <= 0.7 * m["sft.eval_loss_before"]
     assert m["sft.template_ok_rate"] > m["sft.template_ok_before"] + 0.3
     assert m["sft.rougeL_after"] > m["sft.rougeL_before"]
     assert m["sft.padding_waste"] < m["sft.padding_waste_random"]
@@ -190,11 +191,11 @@ def test_05_cot_learns_the_reasoning_format(course_run):
     m = _metrics(summary, "05_r1_cot_unsloth")
     assert m["cot.path"] == "transformers"  # no GPU in CI: Unsloth must not be imported
     # the base has read the training reasoning cases (01_data), so the held-out loss starts lower
-    # and falls less: 3.26 -> 2.78 in run final (2026-11-23)
+    # and falls less: 2.45 -> 1.97 in run s13 (2026-11-23)
     assert m["cot.eval_loss_after"] < m["cot.eval_loss_before"] - 0.2
     assert m["cot.think_rate_after"] >= m["cot.think_rate_before"] + 0.5  # it learns to close <think>
-    assert m["cot.format_ok_after"] >= m["cot.format_ok_before"] + 0.4  # 0 -> 0.625 in run final
-    # issue #5 asks for format_ok_after >= 0.9; the tiny model does not reach it yet (see README)
+    # issue #5's target; 0 -> 1.0 in run s13 (0.97-1.0 over training seeds 0-5)
+    assert m["cot.format_ok_before"] < 0.5 and m["cot.format_ok_after"] >= 0.9
     assert (root / "runs" / "ci" / "05_r1_cot_unsloth" / "merged" / "config.json").exists()
 
 

@@ -499,3 +499,45 @@ def test_timed_level_cuts_off_open_requests(hf_engines):
     assert row["errors"] == 0 and row["requests"] >= 2 and row["wall_s"] < 10
     with pytest.raises(ValueError, match="exactly one"):
         asyncio.run(loadtest.run_level(hf_engines[1].url, "medkit", 1, n_requests=2, duration_s=1))
+
+
+def test_pool_counts_streams_in_flight_and_balances_around_them():
+    """A streamed request holds its replica until the stream is closed, so the next request goes
+    to the other replica; a replica that refuses connections is skipped and tried last."""
+    from medkit.serve.pool import EnginePool, EngineUnavailable
+
+    hits = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        hits.append(request.url.host)
+        if request.url.host == "down":
+            raise httpx.ConnectError("refused", request=request)
+        return httpx.Response(200, text='data: {"choices": []}\n\ndata: [DONE]\n\n')
+
+    async def scenario():
+        pool = EnginePool(["http://a:1/v1", "http://b:1/v1"])
+        pool.client = httpx.AsyncClient(transport=httpx.MockTransport(handler))
+        async with pool.stream("/chat/completions", {}) as (first, resp):
+            assert pool.in_flight[first] == 1 and resp.status_code == 200
+            second, _ = await pool.post("/chat/completions", {})
+            assert second != first  # the streaming replica is the busier one
+        assert pool.in_flight == {"http://a:1/v1": 0, "http://b:1/v1": 0}
+        await pool.aclose()
+
+        flaky = EnginePool(["http://down:1/v1", "http://b:1/v1"])
+        flaky.client = httpx.AsyncClient(transport=httpx.MockTransport(handler))
+        for _ in range(3):
+            url, _ = await flaky.post("/chat/completions", {})
+            assert url == "http://b:1/v1"
+        assert flaky.failures["http://down:1/v1"] == 1 and flaky.in_flight["http://down:1/v1"] == 0
+        await flaky.aclose()
+
+        dead = EnginePool(["http://down:1/v1"])
+        dead.client = httpx.AsyncClient(transport=httpx.MockTransport(handler))
+        with pytest.raises(EngineUnavailable, match="no engine replica reachable"):
+            async with dead.stream("/chat/completions", {}):
+                pass
+        assert dead.in_flight["http://down:1/v1"] == 0
+        await dead.aclose()
+
+    asyncio.run(scenario())

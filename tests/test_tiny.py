@@ -6,7 +6,7 @@ from medkit import config, kb as K, tiny
 from medkit.data import generate
 
 SMALL = dict(config.PROFILES["tiny"]["tiny"], vocab_size=1024, pretrain_steps=60, pretrain_seq_len=64,
-             pretrain_batch=8, lr=5e-3)
+             pretrain_batch=8, lr=5e-3, families={})
 
 
 @pytest.fixture(scope="module")
@@ -73,6 +73,23 @@ def test_build_is_cached_and_deterministic(tmp_path, corpus):
         assert torch.equal(pa, pb), n
     c = tiny.build_base("llama", corpus, dict(SMALL, lr=1e-3), seed=0, cache=tmp_path / "a", progress=False)
     assert c.path != a.path  # a changed config is a new key
+    # a per-family change is a new key for that family only
+    own = dict(SMALL, families={"llama": {"pretrain_steps": 40}})
+    d = tiny.build_base("llama", corpus, own, seed=0, cache=tmp_path / "a", progress=False)
+    assert d.path != a.path and d.metrics["steps"] == 40 and len(d.metrics["loss_curve"]) == 40
+
+
+def test_family_settings_lay_one_familys_changes_over_the_shared_ones():
+    block = dict(SMALL, families={"qwen2": {"pretrain_steps": 99}})
+    shared = {k: v for k, v in SMALL.items() if k != "families"}
+    assert tiny.family_settings(block, "qwen2") == dict(shared, pretrain_steps=99)
+    assert tiny.family_settings(block, "phi") == shared
+    # the shipped profile: longer pre-training for the Qwen2 (02/03) and the Llama (05) only
+    shipped = config.PROFILES["tiny"]["tiny"]
+    steps = {f: tiny.family_settings(shipped, f)["pretrain_steps"] for f in tiny.FAMILIES}
+    assert steps["qwen2"] > steps["phi"] and steps["llama"] > steps["t5"]
+    with pytest.raises(ValueError, match="tiny.families.llama: unknown setting"):
+        tiny.family_settings(dict(SMALL, families={"llama": {"pretrain_stepz": 1}}), "llama")
 
 
 def test_bad_arguments_are_clear():

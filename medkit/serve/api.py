@@ -254,8 +254,7 @@ def create_app(engine_url: str | list[str], model: str | None = None, agent=None
 
         text = ""
         try:
-            url, resp = await pool.stream("/chat/completions", _payload(req, name, True))
-            try:
+            async with pool.stream("/chat/completions", _payload(req, name, True)) as (url, resp):
                 if resp.status_code >= 400:
                     body = (await resp.aread()).decode(errors="replace")
                     yield event({"error": f"engine answered {resp.status_code}: {body[:300]}", "notice": NOTICE})
@@ -273,8 +272,6 @@ def create_app(engine_url: str | list[str], model: str | None = None, agent=None
                         if delta:
                             text += delta
                             yield event({"delta": delta})
-            finally:
-                await resp.aclose()
         except EngineUnavailable as e:
             yield event({"error": f"engine unavailable: {e}", "notice": NOTICE})
             return

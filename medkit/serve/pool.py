@@ -1,5 +1,6 @@
 """Replicas of an OpenAI-compatible engine behind one client: each call goes to the replica with
 the fewest requests in flight; one that refuses connections is skipped and tried last."""
+import contextlib
 from typing import Any
 
 
@@ -48,41 +49,47 @@ class EnginePool:
                 return self.model
         raise EngineUnavailable("no engine answered /v1/models")
 
-    async def post(self, path: str, payload: dict[str, Any]) -> tuple[str, Any]:
-        """POST to the first replica that accepts the connection; returns (url, response)."""
+    async def _send(self, path: str, payload: dict[str, Any], stream: bool) -> tuple[str, Any]:
+        """Send to the first replica that accepts the connection; returns (url, response). The
+        replica's in-flight count is raised here and lowered by the caller when it is done."""
         import httpx
 
         last: Exception | None = None
         for url in self.order():
             self.in_flight[url] += 1
             try:
-                r = await self.client.post(url + path, json=payload)
-                self.failures[url] = 0
-                self.served[url] += 1
-                return url, r
-            except (httpx.ConnectError, httpx.RemoteProtocolError) as e:
-                self.failures[url] += 1
-                last = e
-            finally:
-                self.in_flight[url] -= 1
-        raise EngineUnavailable(f"no engine replica reachable ({last})")
-
-    async def stream(self, path: str, payload: dict[str, Any]):
-        """(url, httpx stream context) on the first reachable replica."""
-        import httpx
-
-        last: Exception | None = None
-        for url in self.order():
-            try:
                 req = self.client.build_request("POST", url + path, json=payload)
-                resp = await self.client.send(req, stream=True)
-                self.failures[url] = 0
-                self.served[url] += 1
-                return url, resp
+                resp = await self.client.send(req, stream=stream)
             except (httpx.ConnectError, httpx.RemoteProtocolError) as e:
+                self.in_flight[url] -= 1
                 self.failures[url] += 1
                 last = e
+                continue
+            except BaseException:
+                self.in_flight[url] -= 1
+                raise
+            self.failures[url] = 0
+            self.served[url] += 1
+            return url, resp
         raise EngineUnavailable(f"no engine replica reachable ({last})")
+
+    async def post(self, path: str, payload: dict[str, Any]) -> tuple[str, Any]:
+        """POST to the first replica that accepts the connection; returns (url, response)."""
+        url, resp = await self._send(path, payload, stream=False)
+        self.in_flight[url] -= 1
+        return url, resp
+
+    @contextlib.asynccontextmanager
+    async def stream(self, path: str, payload: dict[str, Any]):
+        """``async with pool.stream(path, payload) as (url, response)``: a streamed POST on the
+        first reachable replica, counted in flight until the block ends (so least-loaded
+        balancing sees streams too); the response is closed on the way out."""
+        url, resp = await self._send(path, payload, stream=True)
+        try:
+            yield url, resp
+        finally:
+            self.in_flight[url] -= 1
+            await resp.aclose()
 
     async def aclose(self) -> None:
         await self.client.aclose()
