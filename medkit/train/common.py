@@ -30,6 +30,20 @@ def torch_dtype(name: str):
     return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
 
 
+def fp32_adapters_for_fp16(trainer, dtype: str):
+    """Keep the trainable weights in fp32 when training in fp16 (a T4 has no bf16). trl's
+    ``SFTTrainer`` casts a 4-bit model's adapter weights to bf16, and fp16 mixed precision
+    unscales gradients with a GradScaler, which fails on bf16 gradients; fp32 weights are what
+    mixed precision expects. Returns the trainer."""
+    if dtype == "float16":
+        import torch
+
+        for p in trainer.model.parameters():
+            if p.requires_grad and p.dtype != torch.float32:
+                p.data = p.data.float()
+    return trainer
+
+
 def load_causal_lm(path: str, dtype: str = "float32", device: str = "cpu"):
     """(model, tokenizer) with a pad token and a chat template, or a clear error naming the model."""
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -17,7 +17,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from .common import messages, precision_flags
+from .common import fp32_adapters_for_fp16, messages, precision_flags
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 COT_SYSTEM = ("You are a careful medical reasoning assistant. Think through the case step by step "
@@ -247,8 +247,9 @@ def make_trainer(model, tok, train_rows, eval_rows, cfg: dict[str, Any], out_dir
                 **precision_flags(cfg["dtype"]))
     args.update(extra)
     trainer_class = _model_loss_trainer_class() if cfg.get("train_tokens") else SFTTrainer
-    return trainer_class(model=model, args=SFTConfig(**args), train_dataset=to_dataset(train_rows),
-                         eval_dataset=to_dataset(eval_rows) if eval_rows else None, processing_class=tok)
+    trainer = trainer_class(model=model, args=SFTConfig(**args), train_dataset=to_dataset(train_rows),
+                            eval_dataset=to_dataset(eval_rows) if eval_rows else None, processing_class=tok)
+    return fp32_adapters_for_fp16(trainer, cfg["dtype"])
 
 
 def _model_loss_trainer_class():

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .common import torch_dtype
+from .common import fp32_adapters_for_fp16, torch_dtype
 
 
 def compute_dtype(cfg: dict[str, Any], model_type: str = "") -> str:
@@ -243,10 +243,11 @@ def make_trainer(peft_model, tok, train_rows, eval_rows, cfg: dict[str, Any], ou
     from .sft import sft_config, to_prompt_completion
 
     extra.setdefault("save_strategy", "no")
-    return SFTTrainer(model=peft_model, args=sft_config(cfg, out_dir, **extra),
-                      train_dataset=to_prompt_completion(mcq.to_sft_rows(train_rows), mcq.MCQ_SYSTEM),
-                      eval_dataset=to_prompt_completion(mcq.to_sft_rows(eval_rows), mcq.MCQ_SYSTEM),
-                      processing_class=tok, callbacks=[_keep_training_layout()])
+    trainer = SFTTrainer(model=peft_model, args=sft_config(cfg, out_dir, **extra),
+                         train_dataset=to_prompt_completion(mcq.to_sft_rows(train_rows), mcq.MCQ_SYSTEM),
+                         eval_dataset=to_prompt_completion(mcq.to_sft_rows(eval_rows), mcq.MCQ_SYSTEM),
+                         processing_class=tok, callbacks=[_keep_training_layout()])
+    return fp32_adapters_for_fp16(trainer, cfg["dtype"])
 
 
 def _keep_training_layout():
