@@ -2,5 +2,8 @@
 agent → benchmarking → serving). Notebooks teach; this package holds the logic."""
 __version__ = "0.1.0"
 
-NOT_MEDICAL_ADVICE = ("This is an educational demo, not medical advice. Talk to a qualified "
-                      "clinician about your own health; in an emergency call your local emergency number.")
+# The one notice every user-facing answer carries (agent, RAG answers, the serving API, model
+# cards, benchmark ledgers): one wording, so a demo never shows two.
+NOT_MEDICAL_ADVICE = ("This is general information from an educational demo, not medical advice: it cannot "
+                      "replace a doctor, nurse or pharmacist who knows you. In an emergency call your local "
+                      "emergency number.")

@@ -103,9 +103,17 @@ class KnowledgeBase:
     source: Path
     fingerprint: str = ""  # hash of the YAML files as loaded: versions every dataset built from it
     _pairs: dict[frozenset, dict] = field(default_factory=dict, repr=False)
+    _derived: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self):
         self._pairs = {frozenset(i["drugs"]): i for i in self.interactions}
+
+    def derived(self, key: str, build):
+        """A structure computed from this (read-only) knowledge base once and kept with it, e.g.
+        the drug-name index the agent consults for every sentence: ``build()`` runs on first use."""
+        if key not in self._derived:
+            self._derived[key] = build()
+        return self._derived[key]
 
     def interaction(self, a: str, b: str) -> dict | None:
         """The interaction record of drugs ``a`` and ``b`` (ids), in either order, or None."""

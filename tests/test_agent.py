@@ -66,6 +66,14 @@ def test_ddi_pair_table_class_rules_and_names(kb):
     assert [h["severity"] for h in found] == sorted([h["severity"] for h in found], key=lambda s: -ddi.SEVERITY_RANK[s])
 
 
+def test_drug_names_and_class_rules_are_built_once_per_knowledge_base(kb):
+    # the agent resolves drug names in every sentence: the index is kept with the KB, not rebuilt
+    assert ddi.name_index(kb) is ddi.name_index(kb) and ddi.class_rules(kb) is ddi.class_rules(kb)
+    other = knowledge_base.KnowledgeBase(**{f: getattr(kb, f) for f in ("conditions", "drugs", "interactions",
+                                                                       "red_flags", "lay_terms", "triage", "source")})
+    assert ddi.name_index(other) == ddi.name_index(kb) and ddi.name_index(other) is not ddi.name_index(kb)
+
+
 def test_class_rule_file_errors_name_the_row_and_field(kb, tmp_path):
     bad = tmp_path / "rules.yaml"
     bad.write_text("classes:\n  a: [ibuprofen, notadrug]\nrules:\n  - {a: a, b: a, severity: huge, effect: x, advice: y}\n")

@@ -7,8 +7,9 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-NOTICE = ("This is general information, not medical advice: it cannot replace a doctor, nurse or "
-          "pharmacist who knows you. In an emergency call your local emergency number.")
+from .. import NOT_MEDICAL_ADVICE
+
+NOTICE = NOT_MEDICAL_ADVICE
 CITE = re.compile(r"\[E(\d+)\]")
 # a sentence with one of these is a warning about the drugs it names, not a recommendation
 WARNING_CUE = re.compile(r"\b(do not|don't|avoid|not suitable|not safe|unsafe|interact|allergic|contraindicated|"

@@ -56,22 +56,21 @@ def load_class_rules(kb: KnowledgeBase, path: str | Path | None = None) -> Class
     return ClassRules(classes, tuple(rules))
 
 
-_CACHE: dict[int, ClassRules] = {}
-
-
 def class_rules(kb: KnowledgeBase) -> ClassRules:
-    if id(kb) not in _CACHE:
-        _CACHE[id(kb)] = load_class_rules(kb)
-    return _CACHE[id(kb)]
+    """The shipped class rules for ``kb``, read and checked once per knowledge base."""
+    return kb.derived("ddi.class_rules", lambda: load_class_rules(kb))
 
 
 def name_index(kb: KnowledgeBase) -> dict[str, str]:
-    """Lower-case names (generic, id, brand and lay names) → drug id."""
-    out = {}
-    for d in kb.drugs.values():
-        for n in [d["name"], d["id"].replace("_", " "), d["id"], *d["other_names"]]:
-            out.setdefault(n.lower().strip(), d["id"])
-    return out
+    """Lower-case names (generic, id, brand and lay names) → drug id, built once per knowledge base."""
+    def build() -> dict[str, str]:
+        out: dict[str, str] = {}
+        for d in kb.drugs.values():
+            for n in [d["name"], d["id"].replace("_", " "), d["id"], *d["other_names"]]:
+                out.setdefault(n.lower().strip(), d["id"])
+        return out
+
+    return kb.derived("ddi.name_index", build)
 
 
 def resolve(kb: KnowledgeBase, name: str) -> str | None:

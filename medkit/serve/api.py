@@ -23,10 +23,10 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from .. import NOT_MEDICAL_ADVICE
 from .pool import EnginePool, EngineUnavailable
 
-NOTICE = ("Educational demo, not medical advice. Always consult a qualified health professional; "
-          "in an emergency call your local emergency number.")
+NOTICE = NOT_MEDICAL_ADVICE
 
 
 @dataclass
