@@ -15,21 +15,31 @@ PYTEST_ARGS ?=
 SERVE_VENV ?= .venv-serve
 SERVE_PY    := $(SERVE_VENV)/bin/python
 SERVE_STAMP := $(SERVE_VENV)/.medkit-serve-setup
-# llama-cpp-python compiles llama.cpp (minutes): build its wheel once, reuse it from this cache
-WHEELS   ?= $(HOME)/.cache/medkit-wheels
+# llama-cpp-python compiles llama.cpp (minutes): build its wheel once, reuse it from this cache.
+# The build is portable x86-64 with AVX2 (no -march=native): the course machines differ (AVX2 only,
+# AVX-512, AMX), a native build on an AMX Xeon crashed on q8_0 GGUFs (2026-12-05), and one build
+# gives every machine the same kernels. The folder name carries the build flavour, so a wheel
+# built another way is never reused.
 LLAMA_CPP_VERSION := 0.3.36
+LLAMA_CPP_CMAKE   := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON \
+                     -DGGML_AVX512=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_BF16=OFF
+WHEELS   ?= $(HOME)/.cache/medkit-wheels/avx2
 
 .PHONY: setup course test test-fast clean-outputs strip-notebooks
 
 setup: $(STAMP) $(SERVE_STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@ls $(WHEELS)/llama_cpp_python-$(LLAMA_CPP_VERSION)-*.whl >/dev/null 2>&1 || { \
 	  echo "setup: compiling llama-cpp-python $(LLAMA_CPP_VERSION) once into $(WHEELS) (about 4 min on 2 cores)"; \
-	  $(PY) -m pip wheel --disable-pip-version-check -q --no-deps -w $(WHEELS) llama-cpp-python==$(LLAMA_CPP_VERSION); }
+	  CMAKE_ARGS="$(LLAMA_CPP_CMAKE)" $(PY) -m pip wheel --no-cache-dir --disable-pip-version-check -q --no-deps \
+	    -w $(WHEELS) llama-cpp-python==$(LLAMA_CPP_VERSION); }
 	@echo "setup: installing medkit and its CPU dependencies into $(VENV) (torch 2.13.0 CPU wheel)"
 	$(PY) -m pip install --disable-pip-version-check -q --find-links $(WHEELS) -e ".[test]"
+	@# an older .venv may hold a llama-cpp-python built another way: put this build in place
+	$(PY) -m pip install --disable-pip-version-check -q --no-deps --no-index --force-reinstall \
+	  --find-links $(WHEELS) llama-cpp-python==$(LLAMA_CPP_VERSION)
 	$(PY) -m ipykernel install --sys-prefix --name medkit --display-name "medkit (.venv)" >/dev/null
 	@touch $(STAMP)
 	@echo "setup: done"

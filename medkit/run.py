@@ -5,6 +5,7 @@
     python -m medkit.run --from 04 --resume   # continue the latest run, skipping finished work
     python -m medkit.run --compare old/summary.json   # run, then flag metrics that moved
     python -m medkit.run --compare old/summary.json --no-run   # compare the latest run only
+    python -m medkit.run --jobs 2             # independent notebooks side by side (the test suite)
 
 Per notebook it writes ``outputs/runs/<run-id>/<name>/``: the executed copy, ``log.txt``,
 ``metrics.json``; and for the run ``summary.json``, ``summary.md`` and the ``outputs/latest`` link.
@@ -39,6 +40,9 @@ DEPENDS = {
     "08_benchmarking": ["02_sft", "03_dpo", "04_qlora_phi2", "05_r1_cot_unsloth", "06_rag"],
     "09_vllm_serving": ["02_sft", "07_agent"],
 }
+
+# Notebooks that measure speed under load and must have the machine to themselves, whatever --jobs.
+EXCLUSIVE = {"09_vllm_serving"}
 
 
 @dataclass
@@ -160,8 +164,10 @@ def failed_cell(executed: Path) -> tuple[int | None, str]:
 
 
 def execute(nb_path: Path, run_dir: Path, params: dict[str, Any], timeout: float | None,
-            kernel: str) -> Result:
-    """Run one notebook with papermill in a child process; never raises for a notebook failure."""
+            kernel: str, threads: int | None = None) -> Result:
+    """Run one notebook with papermill in a child process; never raises for a notebook failure.
+    ``threads``: cap the kernel's compute threads (OpenMP/MKL, hence torch) when notebooks share
+    the cores."""
     name = nb_path.stem
     out_dir = run_dir / name
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -173,6 +179,8 @@ def execute(nb_path: Path, run_dir: Path, params: dict[str, Any], timeout: float
     for key, value in params.items():
         cmd += ["-p", key, str(value)] if isinstance(value, str) else ["-y", f"{key}: {json.dumps(value)}"]
     env = dict(os.environ, MEDKIT_HEADLESS="1", PYTHONUNBUFFERED="1", MPLBACKEND="Agg")
+    if threads:
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     start = time.perf_counter()
     timed_out = False
     with open(log, "w") as logf:
@@ -298,6 +306,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rel-tol", type=float, default=0.10)
     ap.add_argument("--abs-tol", type=float, default=0.02)
     ap.add_argument("--timeout", type=float, default=1800, help="seconds per notebook")
+    ap.add_argument("--jobs", type=int, default=int(os.environ.get("MEDKIT_JOBS", "1")),
+                    help="notebooks run side by side when their upstream is done (each gets cores/jobs "
+                         "threads; 09 always runs alone). Timings are then measured under load")
     ap.add_argument("--notebooks-dir", default=str(paths.repo_root() / "notebooks"))
     ap.add_argument("--output-root", default=None, help="default: $MEDKIT_OUTPUT_DIR or outputs/")
     ap.add_argument("--run-id", default=None)
@@ -362,34 +373,70 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Result] = {}
     keys: dict[str, str] = {}
     t0 = time.perf_counter()
-    bar = tqdm(chosen, desc="course", unit="nb", file=sys.stdout)
-    for nb_path in bar:
+    jobs = max(1, args.jobs)
+    # with several notebooks at once each gets an equal share of the cores (exclusive ones all)
+    share = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None
+    bar = tqdm(total=len(chosen), desc="course", unit="nb", file=sys.stdout)
+
+    def prepare(nb_path: Path) -> bool:
+        """Decide skip/resume for a notebook whose upstream has finished; True = run it."""
         name = nb_path.stem
-        bar.set_postfix_str(name)
         deps = depends_of(nb_path)
         bad = [d for d in deps if d in results and results[d].status != "ok"]
-        key = input_key(nb_path, params, [keys.get(d, "") for d in deps])
-        keys[name] = key
+        keys[name] = input_key(nb_path, params, [keys.get(d, "") for d in deps])
         if bad:
             results[name] = Result(name, "skipped", error=f"{name} skipped: upstream {', '.join(bad)} did not succeed")
             tqdm.write(f"skip  {name}: upstream {', '.join(bad)} did not succeed")
-            continue
+            return False
         done_file = run_dir / name / "done.json"
         if args.resume and done_file.exists() and name in previous:
             done = json.loads(done_file.read_text())
-            if done.get("key") == key and previous[name].get("status") == "ok":
+            if done.get("key") == keys[name] and previous[name].get("status") == "ok":
                 p = previous[name]
                 results[name] = Result(name, "ok", p["seconds"], p["peak_rss_mb"], p["metrics"], resumed=True)
                 tqdm.write(f"done  {name} (resumed: same inputs)")
-                continue
+                return False
         done_file.unlink(missing_ok=True)
-        res = execute(nb_path, run_dir, params, args.timeout, args.kernel)
+        return True
+
+    def finish(name: str, res: Result) -> None:
         results[name] = res
         if res.status == "ok":
-            done_file.write_text(json.dumps({"key": key}) + "\n")
+            (run_dir / name / "done.json").write_text(json.dumps({"key": keys[name]}) + "\n")
             tqdm.write(f"ok    {name} in {res.seconds:.1f} s, peak {res.peak_rss_mb:.0f} MB")
         else:
             tqdm.write(f"FAIL  {res.error}")
+
+    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+
+    chosen_names = {p.stem for p in chosen}
+    pending = list(chosen)
+    running: dict[Any, str] = {}
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        while pending or running:
+            # start, in course order, every notebook whose upstream (in this run) has finished
+            for nb_path in list(pending):
+                name = nb_path.stem
+                if any(d in chosen_names and d not in results for d in depends_of(nb_path)):
+                    continue
+                exclusive = name in EXCLUSIVE or any(n in EXCLUSIVE for n in running.values())
+                if len(running) >= jobs or (exclusive and running):
+                    break
+                pending.remove(nb_path)
+                bar.set_postfix_str(name)
+                if not prepare(nb_path):
+                    bar.update(1)
+                    continue
+                threads = None if name in EXCLUSIVE else share
+                running[pool.submit(execute, nb_path, run_dir, params, args.timeout, args.kernel, threads)] = name
+                if name in EXCLUSIVE:
+                    break
+            if not running:
+                continue
+            done, _ = wait(list(running), return_when=FIRST_COMPLETED)
+            for fut in done:
+                finish(running.pop(fut), fut.result())
+                bar.update(1)
     bar.close()
 
     # Keep results of notebooks that this invocation did not select (e.g. --only on a resumed run).
@@ -402,7 +449,7 @@ def main(argv: list[str] | None = None) -> int:
             merged.append(previous[p.stem])
     summary = {"run_id": run_dir.name, "profile": args.profile,
                "total_seconds": round(time.perf_counter() - t0, 2),
-               "machine": _machine(), "notebooks": merged}
+               "machine": _machine(), "jobs": jobs, "notebooks": merged}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     md = summary_markdown(summary)
     (run_dir / "summary.md").write_text(md)

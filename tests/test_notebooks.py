@@ -59,8 +59,26 @@ def test_every_notebook_runs_on_the_tiny_profile(course_run):
     assert all(nb["status"] == "ok" for nb in summary["notebooks"])
 
 
+class _Metrics(dict):
+    """A notebook's metrics; a missing key fails the test naming the key and the notebook (no
+    assert may skip silently because a metric was not recorded)."""
+
+    def __missing__(self, key):
+        pytest.fail(f"{self.notebook} did not record {key!r} (recorded: {sorted(self)})")
+
+
 def _metrics(summary, name):
-    return next(nb["metrics"] for nb in summary["notebooks"] if nb["name"] == name)
+    m = _Metrics(next(nb["metrics"] for nb in summary["notebooks"] if nb["name"] == name))
+    m.notebook = name
+    return m
+
+
+def _shared_data() -> bool:
+    """../shared/data (the real public datasets) is beside the repository: then the notebooks
+    must have recorded the real-data metrics, and their absence fails."""
+    from medkit import paths
+
+    return paths.shared_data_dir() is not None
 
 
 @pytest.mark.slow
@@ -84,6 +102,8 @@ def test_02_sft_changes_the_model_on_held_out_data(course_run):
     assert m["sft.eval_loss_after"] <= 0.7 * m["sft.eval_loss_before"]
     assert m["sft.template_ok_rate"] > m["sft.template_ok_before"] + 0.3
     assert m["sft.rougeL_after"] > m["sft.rougeL_before"]
+    assert m["sft.bertscore_f1_after"] > m["sft.bertscore_f1_before"]  # README: 0.315 -> 0.413
+    assert m["sft.token_acc_after"] > m["sft.token_acc_before"]
     assert m["sft.padding_waste"] < m["sft.padding_waste_random"]
     assert m["t5.eval_loss"] < m["t5.eval_loss_before"]
     merged = root / "runs" / "ci" / "02_sft" / "model" / "merged"
@@ -127,7 +147,7 @@ def test_07_agent_metrics(course_run):
     assert m["agent.intercept_rate"] == 1.0 and m["agent.emergency_recall"] >= 0.98
     assert m["agent.false_alarm_rate"] <= 0.10 and m["agent.memory_recall"] == 1.0
     assert m["agent.tool_success"] >= 0.9 and m["agent.notice_rate"] == 1.0
-    if "safety.ddi_recall_crescenddi" in m:  # only when ../shared/data is present
+    if _shared_data():  # CRESCENDDI is read from ../shared/data
         assert m["safety.ddi_recall_crescenddi"] >= 0.9 and m["safety.ddi_fp_crescenddi"] <= 0.05
         assert m["safety.ddi_pairs_covered"] > 300
     assert (root / "runs" / "ci" / "07_agent" / "agent.sqlite").exists()
@@ -156,13 +176,17 @@ def test_09_serving_is_measured_against_a_real_vllm_server(course_run):
     _, summary, root = course_run
     nb = next(n for n in summary["notebooks"] if n["name"] == "09_vllm_serving")
     m = nb["metrics"]
-    assert m["serve.gguf_parity"] == 1  # llama.cpp == transformers, token for token (f16)
+    # f32: llama.cpp == transformers, token for token; f16 and q8_0: same prompt ids, every
+    # top-token disagreement a measured near-tie, logits within gguf_export.LOGIT_TOL
+    assert m["serve.gguf_f32_exact"] == 1
+    assert m["serve.gguf_parity"] == 1 and m["serve.gguf_q8_parity"] == 1
     assert m["serve.errors"] == 0
     assert m["serve.bad_input_4xx"] == 1.0 and m["serve.replica_ok"] == 1
     assert m["serve.bench_params"] > 10_000_000  # tens of millions, not the tiny SFT model
-    # continuous batching must beat one-request-at-a-time; the issue's 5x target is reported by
-    # the benchmark (README), not asserted here
-    assert m["serve.ratio_vllm_vs_hf_naive_c32"] > 1
+    # the issue's target is 5x; on a quiet 2-core machine 9.9-17.3x over five runs (2026-11-23),
+    # and the numbers move by +-30% on a shared machine: the assert holds a floor of 3x, the
+    # benchmark prints the real ratio
+    assert m["serve.ratio_vllm_vs_hf_naive_c32"] >= 3
     assert m["serve.ttft_p95_ms_c32"] > 0 and m["serve.vllm_startup_s"] > 0
     assert (root / "runs" / "ci" / "09_vllm_serving" / "plots" / "load_benchmark.png").exists()
 
@@ -209,11 +233,15 @@ def test_08_benchmarking_compares_the_course_models(course_run):
     assert m["bench.rougeL_sft"] > m["bench.rougeL_base"]
     # MCQ-trained QLoRA opens with a strict answer letter far more often than the QA-only SFT model
     assert m["bench.mcq_format_rate_qlora"] > m["bench.mcq_format_rate_sft"] + 0.1
-    assert 0.0 < m["bench.bertscore_f1_sft"] <= 1.0
-    if m["bench.pubmedqa_n"]:  # ../shared/data present: the real benchmarks ran
+    assert m["bench.bertscore_f1_sft"] > m["bench.bertscore_f1_base"]
+    if _shared_data():  # the real benchmarks must have run
         assert m["bench.pubmedqa_n"] >= 100 and m["bench.mmlu_n"] >= 100
-        for key in ("pubmedqa_acc_sft", "pubmedqa_rag_acc_sft", "mmlu_med_acc_sft"):
+        # scores of tiny models on real benchmarks sit near chance: the README reports them and
+        # the assert holds only that each was computed over the items
+        for key in ("pubmedqa_acc_sft", "mmlu_med_acc_sft"):
             assert 0.0 <= m[f"bench.{key}"] <= 1.0, key
+    else:
+        assert m["bench.pubmedqa_n"] == 0 and "pubmedqa" in m["bench.skipped"]
     assert m["bench.latency_p95_ms_sft"] >= m["bench.latency_p50_ms_sft"] > 0
     ledger = json.loads((root / "runs" / "ci" / "08_benchmarking" / "leaderboard.json").read_text())
     assert "not medical advice" in ledger["notice"] and ledger["hardware"]

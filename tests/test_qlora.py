@@ -109,8 +109,12 @@ def test_qlora_is_real_4bit_trains_and_merges(phi, mcqs, tmp_path):
     share = qlora.trainable_share(peft_model)
     assert 0 < share["pct"] < 20 and share["total"] > share["trainable"]
     rows = mcqs[:8]
-    before = mcq.loglik_choices(peft_model, tok, rows)  # eval mode repacks the 4-bit weights ...
-    assert qlora.training_layout(peft_model) > 0  # ... which training needs undone
+    # eval mode may repack the 4-bit weights into a CPU inference layout (bitsandbytes does it on
+    # some CPUs, e.g. with AVX-512, and not on others); training needs the training layout back.
+    before = mcq.loglik_choices(peft_model, tok, rows)
+    qlora.training_layout(peft_model)  # the count restored depends on the CPU, not asserted
+    assert not any(getattr(getattr(getattr(m, "weight", None), "quant_state", None), "packing_format_for_cpu", False)
+                   for m in peft_model.modules())
     x, attn, y = common.encode_completions(tok, mcq.prompts(rows), [mcq.target_text(r) for r in rows])
     opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=5e-3)
     peft_model.train()

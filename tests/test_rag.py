@@ -207,6 +207,11 @@ def test_the_same_queries_through_a_chroma_server(small_index, tmp_path):
 
 
 def test_query_adapter_reranker_learns_from_hard_negatives(small_index):
+    """The training mechanism only: the adapter fits the questions it is trained on (MRR on those
+    questions rises). Whether it helps on questions it never saw is measured on held-out data:
+    06's course test questions (tests/test_notebooks.py) and the leave-one-source-out MedQuAD folds.
+    Measured while writing this test: trained on asthma and gout questions, it scored 0.83 vs plain
+    MiniLM's 0.88 on the same forms of question about type 2 diabetes: 8 questions do not transfer."""
     from medkit.rag import rerank
 
     chunks, bm25, dn = small_index

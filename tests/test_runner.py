@@ -133,3 +133,29 @@ def test_missing_artifact_names_the_notebook_to_run(out_root):
         artifacts.get("sft_model")
     with pytest.raises(artifacts.MissingArtifact, match="No course notebook is registered"):
         artifacts.get("no_such_thing")
+
+
+def test_jobs_run_independent_notebooks_side_by_side_and_keep_dependencies(tmp_path):
+    """--jobs 2: a notebook starts only after its upstream finished; independent ones run at the
+    same time (02 and 03 each wait for the other's flag, so run one after the other they would
+    fail); a failure still skips its dependants; the summary keeps course order."""
+    nbdir = tmp_path / "nbs"
+    first = "import pathlib\nassert pathlib.Path(output_dir, 'a.done').exists()" 
+    meet = ("import pathlib, time\npathlib.Path(output_dir, NAME + '.here').touch()\n"
+            "other = pathlib.Path(output_dir, OTHER + '.here')\nend = time.time() + 120\n"
+            "while not other.exists() and time.time() < end:\n    time.sleep(0.2)\n"
+            "assert other.exists(), 'the other notebook did not run at the same time'")
+    _fixture(nbdir, "01_a", ["import pathlib, time\ntime.sleep(2)\npathlib.Path(output_dir, 'a.done').touch()"], depends=[])
+    _fixture(nbdir, "02_b", [first, meet.replace("OTHER", "'03_c'")], depends=["01_a"])
+    _fixture(nbdir, "03_c", [first, meet.replace("OTHER", "'02_b'")], depends=["01_a"])
+    _fixture(nbdir, "04_fails", ["raise ValueError('boom')"], depends=[])
+    _fixture(nbdir, "05_needs_04", ["pass"], depends=["04_fails"])
+    root = tmp_path / "out"
+    r = _run(nbdir, root, "--jobs", "2", "--run-id", "j")
+    assert r.returncode == 1, r.stdout + r.stderr
+    summary = json.loads((root / "runs" / "j" / "summary.json").read_text())
+    assert summary["jobs"] == 2
+    assert [nb["name"] for nb in summary["notebooks"]] == ["01_a", "02_b", "03_c", "04_fails", "05_needs_04"]
+    status = {nb["name"]: nb["status"] for nb in summary["notebooks"]}
+    assert status == {"01_a": "ok", "02_b": "ok", "03_c": "ok", "04_fails": "failed", "05_needs_04": "skipped"}, \
+        [nb.get("error") for nb in summary["notebooks"]]
