@@ -1,6 +1,8 @@
 # The two commands of the course (see README.md):
 #   make course   set up .venv if needed, then run every notebook on the tiny profile
 #   make test     set up .venv if needed, then run the test suite
+# and, to open the notebooks yourself:
+#   make lab      JupyterLab on notebooks/ with the `medkit` kernel
 # Set-up is idempotent: it reinstalls only when pyproject.toml changed.
 # Two environments: .venv (the course, Jupyter kernel) and .venv-serve (vLLM for CPU, the engine of
 # 09_vllm_serving, started as a server process; it only needs requirements-serve.txt).
@@ -25,7 +27,7 @@ LLAMA_CPP_CMAKE   := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=O
                      -DGGML_AVX512=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_BF16=OFF
 WHEELS   ?= $(HOME)/.cache/medkit-wheels/avx2
 
-.PHONY: setup course test test-fast clean-outputs strip-notebooks
+.PHONY: setup course test test-fast lab clean-outputs strip-notebooks
 
 setup: $(STAMP) $(SERVE_STAMP)
 
@@ -59,6 +61,12 @@ course: setup
 
 test: setup
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# JupyterLab on the notebooks with the `medkit` kernel (set-up registers it); LAB_ARGS for more,
+# e.g. LAB_ARGS="--no-browser --port 8888" on a remote machine
+LAB_ARGS ?=
+lab: setup
+	$(VENV)/bin/jupyter lab --notebook-dir notebooks $(LAB_ARGS)
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)

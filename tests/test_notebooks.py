@@ -42,9 +42,12 @@ def test_checker_catches_outputs_and_a_missing_parameters_cell(tmp_path):
 
 @pytest.fixture(scope="module")
 def course_run(tmp_path_factory):
-    """`python -m medkit.run` over every committed notebook, tiny profile, private output root."""
+    """`python -m medkit.run` over every committed notebook, tiny profile, private output root.
+    Two notebooks at a time where the dependencies allow (02 beside 04, 05, 06 ...; 09 alone), one
+    compute thread each: the tiny models gain little from a second thread, so the suite gains."""
     root = tmp_path_factory.mktemp("course")
-    cmd = [sys.executable, "-m", "medkit.run", "--profile", "tiny", "--output-root", str(root), "--run-id", "ci"]
+    cmd = [sys.executable, "-m", "medkit.run", "--profile", "tiny", "--output-root", str(root), "--run-id", "ci",
+           "--jobs", "2"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3000,
                           env=dict(os.environ, MEDKIT_OUTPUT_DIR=str(root)))
     summary = json.loads((root / "runs" / "ci" / "summary.json").read_text())
