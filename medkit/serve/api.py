@@ -464,9 +464,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-tokens-cap", type=int, default=Limits.max_tokens_cap)
     ap.add_argument("--request-timeout", type=float, default=Limits.request_timeout_s)
     ap.add_argument("--body-timeout", type=float, default=Limits.body_timeout_s)
+    ap.add_argument("--context-tokens", type=int, default=None,
+                    help="the engine's context in tokens (default: ask the engine; vLLM reports it)")
     args = ap.parse_args(argv)
+    if args.context_tokens is not None and args.context_tokens < 2:
+        raise SystemExit(f"medkit.serve.api: --context-tokens must be at least 2, got {args.context_tokens}")
     limits = Limits(max_tokens_cap=args.max_tokens_cap, request_timeout_s=args.request_timeout,
-                    body_timeout_s=args.body_timeout)
+                    body_timeout_s=args.body_timeout, context_tokens=args.context_tokens)
     try:
         app = create_app(args.engine_url, args.model, api_key=os.environ.get("MEDKIT_API_KEY"),
                          host=args.host, limits=limits)
