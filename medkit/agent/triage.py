@@ -26,8 +26,9 @@ _TOPIC_AFTER = re.compile(r"^\W{0,2}\s*(?:risks?|threshold|prevention|vaccin\w*|
 # handful of pills", "taken 20 of my diazepam tablets"; not "12 tablets a day"
 _MANY_TABLETS = re.compile(
     r"\b(?:took|taken|swallowed|ate|eaten|downed|necked)\s+(?:about\s+|around\s+|over\s+|nearly\s+|almost\s+|like\s+)?"
-    r"(?P<n>\d+|a dozen|dozens|a handful|handfuls|loads|lots|a load|a whole (?:box|packet|pack|bottle|strip|tub))\s+"
-    r"(?:of\s+)?(?:[\w'-]+\s+){0,3}?(?:tablets?|pills?|capsules?|caps|paracetamol|ibuprofen|aspirin|painkillers?|"
+    r"(?P<n>\d+|a dozen|dozens|a handful|handfuls|loads|lots|a load|(?:a|the|a whole|the whole) (?:box|packet|pack|"
+    r"bottle|strip|tub|blister pack)|all (?:of )?(?:my |his |her |their )?[\w-]+'s)\s+"
+    r"(?:of\s+)?(?:[\w'-]+\s+){0,4}?(?:tablets?|pills?|capsules?|caps|paracetamol|ibuprofen|aspirin|painkillers?|"
     r"sleeping|meds|medicines?|antidepressants?)\b(?!\s+(?:a|per|each|every)\s+day|\s+daily|\s+over\b)")
 _NUMBER = {"a": 1, "an": 1, "one": 1, "two": 2, "three": 3, "four": 4, "five": 5, "six": 6, "seven": 7,
            "eight": 8, "nine": 9, "ten": 10, "few": 3, "couple of": 2, "several": 4}
@@ -67,7 +68,8 @@ _CONTRACTIONS = {"isn't": "be not", "isnt": "be not", "aren't": "be not", "arent
 # one word for everyday synonyms, on both sides of a match
 _SYNONYMS = {"pill": "tablet", "pills": "tablet", "capsule": "tablet", "capsules": "tablet", "tummy": "stomach",
              "belly": "stomach", "abdomen": "stomach", "abdominal": "stomach", "wee": "pee", "urinate": "pee",
-             "mum": "mother", "mom": "mother", "mam": "mother", "dad": "father"}
+             "mum": "mother", "mom": "mother", "mam": "mother", "dad": "father", "raise": "lift", "raised": "lifted",
+             "puffy": "swollen", "puffed": "swollen", "wheezy": "wheezing", "wheeze": "wheezing"}
 _PHRASES = [(re.compile(r"\b(?:all of a sudden|out of nowhere|out of the blue|without warning)\b"), "suddenly"),
             (re.compile(r"\bsudden(?=\s)"), "suddenly")]
 
