@@ -310,8 +310,9 @@ def create_app(engine_url: str | list[str], model: str | None = None, agent=None
 
     async def _check_context(pool: EnginePool, name: str, question: str, max_length: int) -> None:
         """422 when the prompt plus ``max_length`` cannot fit the engine's context. The prompt
-        is counted by the engine when it can (vLLM's /tokenize), else estimated on the long side
-        (one token per 3 UTF-8 bytes, plus 16 for the template)."""
+        is counted by the engine when it can (vLLM's /tokenize), else estimated at one token per
+        3 UTF-8 bytes plus 16 for the template: about right for large-vocabulary tokenizers on
+        English, short for small vocabularies (the engine's own refusal then still answers 400)."""
         counted = await pool.count_prompt(name, _messages(question))
         context = limits.context_tokens or await pool.context_length()
         if not context:

@@ -28,6 +28,7 @@ class EnginePool:
                                         transport=transport)
         self.context: int | None = None  # the engine's context length, once an engine has said it
         self._tokenize_ok = True         # False once an engine has no /tokenize (not vLLM)
+        self._context_unknown = False    # True once an engine answered /v1/models without max_model_len
 
     def order(self) -> list[str]:
         self._turn += 1
@@ -46,17 +47,20 @@ class EnginePool:
     async def context_length(self) -> int | None:
         """The engine's context in tokens (``max_model_len`` of vLLM's /v1/models), or None
         when no engine says it."""
-        if self.context is None:
+        if self.context is None and not self._context_unknown:
             for url in self.urls:
                 try:
                     r = await self.client.get(url + "/models", timeout=3.0)
+                    r.raise_for_status()
                     lens = [m.get("max_model_len") for m in r.json().get("data", []) if isinstance(m, dict)]
                 except Exception:
                     continue
                 lens = [n for n in lens if isinstance(n, int) and n > 0]
                 if lens:
                     self.context = min(lens)
-                    break
+                else:
+                    self._context_unknown = True  # an engine answered without saying: do not ask again
+                break
         return self.context
 
     async def count_prompt(self, model: str, messages: list[dict[str, str]]) -> int | None:
