@@ -284,8 +284,8 @@ class MedicalAgent:
         else:
             text = f"{body}\n\n{triage_line}"
         text = f"{text}\n\n{answer.NOTICE}"
-        ctx = {**mem, "message": state["message"], "context": state["context"]}
-        final, report = safety.validate(text, ctx, extractor=self.extractor)          # 8 safety
+        final, report = safety.check(text, state["message"], mem, state["context"],    # 8 safety
+                                     extractor=self.extractor)
         used = sorted({n for s in sentences for n in s.cites})
         citations = [{"id": f"E{n}", "evidence_id": ev.items[n - 1]["id"], "text": ev.items[n - 1]["text"]}
                      for n in used]

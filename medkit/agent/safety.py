@@ -1,6 +1,11 @@
 """The safety validator: the last gate before an answer leaves the agent.
 
     response, report = validate(response, patient_context)
+    response, report = check(response, question, memory, context)   # the one path for callers
+
+``check`` is what the agent (step 8) and the API gateway (``/generate`` with ``use_safety``,
+``/chat``) call: it reads the facts the question states (allergies, medicines, pregnancy, age)
+into the patient's memory and validates the answer in the context of that question.
 
 ``response`` is the answer text; ``patient_context`` holds what is known of the patient
 (``allergies``, ``medications``, ``conditions``, ``pregnant``, ``age``), the patient's
@@ -8,7 +13,8 @@
 of every medicine the answer recommends, emergency detection on the message, and dosage
 ceilings of every amount the answer states. Problems are fixed in the returned text (the
 emergency instruction goes first, warnings are appended) and listed in the report:
-``{"risk_level": LOW|MEDIUM|HIGH, "warnings": [...], "emergency": bool, "checked": {...}}``.
+``{"risk_level": LOW|MEDIUM|HIGH, "warnings": [...], "emergency": bool, "emergency_instruction":
+str | None, "checked": {...}}``.
 """
 from __future__ import annotations
 
@@ -19,6 +25,7 @@ from .. import kb as knowledge_base
 from ..kb import KnowledgeBase
 from ..rag.query import QueryAnalyzer
 from . import answer, auditor, triage
+from . import memory as memory_mod
 from .memory import FactExtractor
 
 _RISK = {"LOW": 0, "MEDIUM": 1, "HIGH": 2}
@@ -28,6 +35,27 @@ _RISK = {"LOW": 0, "MEDIUM": 1, "HIGH": 2}
 def _default_extractor(folder: str) -> FactExtractor:
     kb = knowledge_base.load(folder)
     return FactExtractor(kb, QueryAnalyzer(kb))
+
+
+EMPTY_MEMORY = {"allergies": [], "conditions": [], "medications": [], "age": None, "sex": None, "pregnant": None}
+
+
+def check(response: str, question: str, memory: dict[str, Any] | None = None, context: str = "",
+          kb: KnowledgeBase | None = None, extractor: FactExtractor | None = None) -> tuple[str, dict[str, Any]]:
+    """Validate ``response`` as the answer to ``question``: the facts the question states join
+    the patient's ``memory`` (what a store remembers; empty when unknown), the question decides
+    emergencies (with ``context``, the previous message). Returns ``validate``'s (text, report);
+    the report also holds the ``memory`` used."""
+    if not isinstance(question, str):
+        raise TypeError(f"check: question must be text (str), got {type(question).__name__}")
+    if extractor is None:
+        extractor = _default_extractor(str((kb.source if kb else knowledge_base.load().source).resolve()))
+    base = {**EMPTY_MEMORY, **(memory or {})}
+    add, remove = extractor.extract(question)
+    mem = memory_mod.apply(base, add, remove)
+    text, report = validate(response, {**mem, "message": question, "context": context}, extractor=extractor)
+    report["memory"] = {k: mem.get(k) for k in ("allergies", "medications", "conditions", "pregnant", "age")}
+    return text, report
 
 
 def validate(response: str, patient_context: dict[str, Any] | None = None, kb: KnowledgeBase | None = None,
@@ -81,6 +109,7 @@ def validate(response: str, patient_context: dict[str, Any] | None = None, kb: K
     t = triage.triage(kb, ctx.get("message", ""), memory, ctx.get("context", ""))
     emergency = t.level == "HIGH"
     out = response
+    actions: list[str] = []
     if emergency:
         actions = list(dict.fromkeys(f["action"] for f in t.red_flags)) or [
             " ".join(kb.triage["levels"]["HIGH"]["action"].split())]
@@ -94,5 +123,7 @@ def validate(response: str, patient_context: dict[str, Any] | None = None, kb: K
         out = out.rstrip() + "\n\n" + answer.NOTICE
     risk = max([w["level"] for w in warnings] + ["HIGH" if emergency else "LOW"], key=_RISK.get)
     report = {"risk_level": risk, "warnings": warnings, "emergency": emergency,
-              "checked": {"recommended_drugs": recommended, "doses": n_doses, "triage": t.level}}
+              "emergency_instruction": " ".join(actions) or None,
+              "checked": {"recommended_drugs": recommended, "doses": n_doses, "triage": t.level,
+                          "triage_reason": t.reason}}
     return out, report

@@ -10,9 +10,26 @@ from typing import Any
 from ..kb import KnowledgeBase
 
 LEVEL_RANK = {"LOW": 0, "MEDIUM": 1, "HIGH": 2}
-# a phrase right after one of these (within a few words) is denied, not reported
-_NEGATION = re.compile(r"\b(no|not|never|without|denies|don't have|dont have|do not have|haven't had|"
-                       r"havent had|isn't|isnt|free of|no sign of|no signs of)\b(?:\W+\w+){0,3}\W*$")
+# a phrase right after one of these (within three words, in the same clause) is denied, not
+# reported: "no chest pain", "I don't feel suicidal", "denies shortness of breath". Punctuation
+# and the words in _BREAK end the negation's reach: "my spray isn't helping, the chest pain..."
+_NEGATOR = (r"no|not|never|without|deni\w*|don't|dont|do not|doesn't|doesnt|does not|didn't|didnt|haven't|havent|"
+            r"hasn't|hasnt|isn't|isnt|wasn't|wasnt|aren't|arent|free of|no sign of|no signs of|negative for|ruled out")
+_BREAK = r"but|why|what|how|and|so|because|since|though|although|yet|however|except|if|whether|now|then|until|when"
+_NEGATION = re.compile(rf"\b(?:{_NEGATOR})\b(?:[ \t]+(?!(?:{_BREAK})\b)[\w']+){{0,3}}[ \t]*$")
+# a phrase named as a topic, not as something happening: "risk of having a heart attack",
+# "preventing a stroke", "the seizure threshold"
+_TOPIC_BEFORE = re.compile(r"\b(?:risks?|chances?|likelihood|odds) of\s+(?:[\w']+\s+)?$|"
+                           r"\b(?:prevent\w*|avoid\w*)\s+(?:[\w']+\s+)?$")
+_TOPIC_AFTER = re.compile(r"^\W{0,2}\s*(?:risks?|threshold|prevention|vaccin\w*|medic\w*|awareness|scores?)\b")
+# many tablets at once (an overdose, whatever the medicine): "took 30 paracetamol", "ate a
+# handful of pills", "taken 20 of my diazepam tablets"; not "12 tablets a day"
+_MANY_TABLETS = re.compile(
+    r"\b(?:took|taken|swallowed|ate|eaten|downed|necked)\s+(?:about\s+|around\s+|over\s+|nearly\s+|almost\s+|like\s+)?"
+    r"(?P<n>\d+|a dozen|dozens|a handful|handfuls|loads|lots|a load|(?:a|the|a whole|the whole) (?:box|packet|pack|"
+    r"bottle|strip|tub|blister pack)|all (?:of )?(?:my |his |her |their )?[\w-]+'s)\s+"
+    r"(?:of\s+)?(?:[\w'-]+\s+){0,4}?(?:tablets?|pills?|capsules?|caps|paracetamol|ibuprofen|aspirin|painkillers?|"
+    r"sleeping|meds|medicines?|antidepressants?)\b(?!\s+(?:a|per|each|every)\s+day|\s+daily|\s+over\b)")
 _NUMBER = {"a": 1, "an": 1, "one": 1, "two": 2, "three": 3, "four": 4, "five": 5, "six": 6, "seven": 7,
            "eight": 8, "nine": 9, "ten": 10, "few": 3, "couple of": 2, "several": 4}
 _DURATION = re.compile(r"\b(?:for|since|over|past|last)\s+(?:the\s+)?(?:last\s+|past\s+)?(\d+(?:\.\d+)?|a|an|one|two|"
@@ -34,14 +51,38 @@ def duration_days(text: str) -> float | None:
     return best
 
 
-_WORD = re.compile(r"[a-z0-9']+")
+_WORD = re.compile(r"[a-z0-9']+|\|")  # "|" marks the end of a clause (., ; : ! ?)
 _IRREGULAR = {"is": "be", "are": "be", "was": "be", "were": "be", "am": "be", "swollen": "swell", "went": "go",
               "gone": "go", "feels": "feel", "felt": "feel"}
+# one form for people: the lexicon says "my arm", a carer writes "his arm" or "her arm"
+_PEOPLE = {"he": "i", "she": "i", "they": "i", "you": "i", "we": "i", "his": "my", "her": "my", "their": "my",
+           "your": "my", "our": "my", "him": "me", "them": "me", "us": "me", "i'm": "i be", "im": "i be",
+           "he's": "i be", "she's": "i be", "they're": "i be", "you're": "i be", "we're": "i be"}
+# one spelling for negative contractions: "inhaler isn't working" = "inhaler is not working"
+_CONTRACTIONS = {"isn't": "be not", "isnt": "be not", "aren't": "be not", "arent": "be not", "wasn't": "be not",
+                 "wasnt": "be not", "weren't": "be not", "don't": "do not", "dont": "do not", "doesn't": "do not",
+                 "doesnt": "do not", "didn't": "do not", "didnt": "do not", "can't": "can not", "cant": "can not",
+                 "cannot": "can not", "couldn't": "can not", "couldnt": "can not", "won't": "will not",
+                 "wont": "will not", "hasn't": "have not", "hasnt": "have not", "haven't": "have not",
+                 "havent": "have not"}
+# one word for everyday synonyms, on both sides of a match
+_SYNONYMS = {"pill": "tablet", "pills": "tablet", "capsule": "tablet", "capsules": "tablet", "tummy": "stomach",
+             "belly": "stomach", "abdomen": "stomach", "abdominal": "stomach", "wee": "pee", "urinate": "pee",
+             "mum": "mother", "mom": "mother", "mam": "mother", "dad": "father", "raise": "lift", "raised": "lifted",
+             "puffy": "swollen", "puffed": "swollen", "wheezy": "wheezing", "wheeze": "wheezing"}
+_PHRASES = [(re.compile(r"\b(?:all of a sudden|out of nowhere|out of the blue|without warning)\b"), "suddenly"),
+            (re.compile(r"\bsudden(?=\s)"), "suddenly")]
 
 
 def _stem(word: str) -> str:
     """A crude stem, the same for the text and the lexicon: "killing" → "kill", "swelling" →
-    "swell", "lips" → "lip"; forms of "be" → "be"."""
+    "swell", "lips" → "lip"; forms of "be" → "be"; pronouns and a few synonyms to one form."""
+    if word in _PEOPLE:
+        return _PEOPLE[word]
+    if word in _CONTRACTIONS:
+        return _CONTRACTIONS[word]
+    if word in _SYNONYMS:
+        word = _SYNONYMS[word]
     if word in _IRREGULAR:
         return _IRREGULAR[word]
     for suffix, keep in (("ing", 3), ("ed", 3), ("es", 4), ("s", 3)):
@@ -54,7 +95,11 @@ def _stem(word: str) -> str:
 
 
 def normalise(text: str) -> str:
-    return " ".join(_stem(w) for w in _WORD.findall(text.lower().replace("’", "'")))
+    low = text.lower().replace("’", "'")
+    for pat, repl in _PHRASES:
+        low = pat.sub(repl, low)
+    low = re.sub(r"[.!?;,:]+(?=\s|$)", " | ", low)  # a match never runs across a clause boundary
+    return " ".join(_stem(w) for w in _WORD.findall(low))
 
 
 _LOOSE: dict[str, re.Pattern] = {}
@@ -62,33 +107,52 @@ _LOOSE: dict[str, re.Pattern] = {}
 
 def _loose_pattern(phrase: str) -> re.Pattern:
     """The phrase's stems in order, with at most one other word between neighbours
-    ("arm went weak" also finds "arm suddenly went weak")."""
+    ("arm went weak" also finds "arm suddenly went weak"); " ... " in a phrase allows up to six
+    words ("swallowed ... battery" finds "swallowed one of those small watch batteries")."""
     if phrase not in _LOOSE:
-        toks = [re.escape(t) for t in normalise(phrase).split()]
-        _LOOSE[phrase] = re.compile(r"\b" + r"(?:\s+\S+)?\s+".join(toks) + r"\b") if toks else re.compile(r"(?!)")
+        parts = []
+        for part in phrase.split("..."):
+            toks = [re.escape(t) for t in normalise(part).split()]
+            if toks:
+                parts.append(r"(?:\s+[^\s|]+)?\s+".join(toks))
+        _LOOSE[phrase] = (re.compile(r"(?<![^\s])" + r"(?:\s+[^\s|]+){0,6}\s+".join(parts) + r"(?![^\s])") if parts
+                          else re.compile(r"(?!)"))
     return _LOOSE[phrase]
 
 
-def _not_negated(text: str, start: int) -> bool:
-    return not _NEGATION.search(text[max(0, start - 40): start])
+def _not_negated(text: str, start: int, end: int | None = None) -> bool:
+    before = text[max(0, start - 60): start]
+    if _NEGATION.search(before) or _TOPIC_BEFORE.search(before):
+        return False
+    return end is None or not _TOPIC_AFTER.search(text[end: end + 30])
 
 
 def mentions(text: str, phrase: str, normalised: str | None = None) -> bool:
-    """``phrase`` occurs in ``text`` (lower-case) and is not negated just before it: verbatim,
-    or (when ``normalised`` = ``normalise(text)`` is given) as word stems in order with at most
-    one other word between them."""
+    """``phrase`` occurs in ``text`` (lower-case), not negated just before it ("no chest pain")
+    and not named as a topic ("risk of a heart attack"): verbatim, or (when ``normalised`` =
+    ``normalise(text)`` is given) as word stems in order with at most one other word between
+    them (up to six at a " ... " in the phrase)."""
     start = 0
-    while True:
+    while "..." not in phrase:
         i = text.find(phrase, start)
         if i < 0:
             break
-        if _not_negated(text, i):
+        if _not_negated(text, i, i + len(phrase)):
             return True
         start = i + 1
     if normalised is not None:
         for m in _loose_pattern(phrase).finditer(normalised):
-            if _not_negated(normalised, m.start()):
+            if _not_negated(normalised, m.start(), m.end()):
                 return True
+    return False
+
+
+def many_tablets(text: str) -> bool:
+    """Many tablets taken at once (ten or more, a handful, a whole packet), not negated."""
+    for m in _MANY_TABLETS.finditer(text.lower()):
+        n = m.group("n")
+        if (not n.isdigit() or int(n) >= 10) and _not_negated(text.lower(), m.start()):
+            return True
     return False
 
 
@@ -118,7 +182,7 @@ def red_flags(kb: KnowledgeBase, text: str, context: str = "") -> list[dict[str,
     norm_both = normalise(both)
     fired = []
     for f in kb.red_flags:
-        if any(mentions(low, p, norm) for p in f["any"]) and (
+        if (any(mentions(low, p, norm) for p in f["any"]) or (f["id"] == "overdose_or_poisoning" and many_tablets(low))) and (
                 not f.get("with_any") or any(mentions(both, p, norm_both) for p in f["with_any"])):
             fired.append({"id": f["id"], "name": f["name"], "action": " ".join(f["action"].split())})
     return fired

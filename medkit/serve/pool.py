@@ -12,7 +12,8 @@ class EnginePool:
     """N OpenAI-compatible engines; each call goes to the replica with the fewest requests in
     flight (ties: round robin). A replica that cannot be reached is tried last next time."""
 
-    def __init__(self, urls: list[str], model: str | None = None, timeout_s: float = 60.0):
+    def __init__(self, urls: list[str], model: str | None = None, timeout_s: float = 60.0, transport=None):
+        """``transport``: an httpx transport for every call (tests put a fake engine here)."""
         import httpx
 
         if not urls:
@@ -23,7 +24,11 @@ class EnginePool:
         self.served = {u: 0 for u in self.urls}
         self.failures = {u: 0 for u in self.urls}
         self._turn = 0
-        self.client = httpx.AsyncClient(timeout=timeout_s, limits=httpx.Limits(max_connections=256))
+        self.client = httpx.AsyncClient(timeout=timeout_s, limits=httpx.Limits(max_connections=256),
+                                        transport=transport)
+        self.context: int | None = None  # the engine's context length, once an engine has said it
+        self._tokenize_ok = True         # False once an engine has no /tokenize (not vLLM)
+        self._context_unknown = False    # True once an engine answered /v1/models without max_model_len
 
     def order(self) -> list[str]:
         self._turn += 1
@@ -38,6 +43,49 @@ class EnginePool:
             return [m["id"] for m in r.json().get("data", [])]
         except Exception:
             return None
+
+    async def context_length(self) -> int | None:
+        """The engine's context in tokens (``max_model_len`` of vLLM's /v1/models), or None
+        when no engine says it."""
+        if self.context is None and not self._context_unknown:
+            for url in self.urls:
+                try:
+                    r = await self.client.get(url + "/models", timeout=3.0)
+                    r.raise_for_status()
+                    lens = [m.get("max_model_len") for m in r.json().get("data", []) if isinstance(m, dict)]
+                except Exception:
+                    continue
+                lens = [n for n in lens if isinstance(n, int) and n > 0]
+                if lens:
+                    self.context = min(lens)
+                else:
+                    self._context_unknown = True  # an engine answered without saying: do not ask again
+                break
+        return self.context
+
+    async def count_prompt(self, model: str, messages: list[dict[str, str]]) -> int | None:
+        """Tokens of the chat prompt as the engine renders it (vLLM's ``POST /tokenize`` with
+        the messages and the generation prompt), or None when no engine offers it."""
+        if not self._tokenize_ok:
+            return None
+        for url in self.order():
+            root = url[:-3] if url.endswith("/v1") else url
+            try:
+                r = await self.client.post(root + "/tokenize", json={"model": model, "messages": messages,
+                                                                      "add_generation_prompt": True}, timeout=5.0)
+            except Exception:
+                continue
+            if r.status_code in (404, 405):
+                self._tokenize_ok = False
+                return None
+            try:
+                body = r.json()
+                if isinstance(body.get("max_model_len"), int) and self.context is None:
+                    self.context = body["max_model_len"]
+                return int(body["count"])
+            except Exception:
+                return None
+        return None
 
     async def resolve_model(self) -> str:
         if self.model:
