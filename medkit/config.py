@@ -207,15 +207,31 @@ def detect_device(requested: str | None = None) -> str:
     return "cpu"
 
 
+def cuda_has_native_bf16() -> bool:
+    """True only where the GPU computes bf16 in hardware (compute capability 8.0+: A100, L4,
+    RTX 30xx/40xx, H100). ``torch.cuda.is_bf16_supported()`` also counts *emulated* bf16 by
+    default, and a T4 (compute capability 7.5) emulates it: slowly, and with fp16's tools
+    (GradScaler, fp32 adapters, vLLM's kernels) never switched on. ROCm GPUs report bf16."""
+    import torch
+
+    if getattr(torch.version, "hip", None):
+        return True
+    if not torch.cuda.is_available():
+        return False
+    major, _ = torch.cuda.get_device_capability()
+    return major >= 8 and torch.cuda.is_bf16_supported(including_emulation=False)
+
+
 def pick_dtype(device: str, prefer_bf16_on_cpu: bool = False) -> str:
-    """bf16 only where the hardware has it, fp16 on older GPUs (a T4 has no bf16), fp32 on CPU.
+    """bf16 only where the hardware has it (not emulated), fp16 on older GPUs (a T4 has no
+    bf16), fp32 on CPU.
 
     Returns the dtype's name ("bfloat16", "float16" or "float32") so it can go into config.json.
     """
     import torch
 
     if device == "cuda":
-        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+        return "bfloat16" if cuda_has_native_bf16() else "float16"
     if device == "mps":
         return "float16"
     return "bfloat16" if prefer_bf16_on_cpu else "float32"
