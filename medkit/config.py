@@ -99,6 +99,9 @@ PROFILES: dict[str, dict[str, Any]] = {
         "description": "Colab T4: 15 GB GPU memory, no bf16 (fp16), 12 GB RAM.",
         "device": "cuda",
         "memory_budget": "15 GB GPU, 12 GB RAM",
+        # medkit.memplan checks every GPU step against this (GiB), and the rehearsal caps the
+        # GPU's memory at it, so a T4's out-of-memory shows on a bigger card
+        "gpu_budget_gib": 15, "gpu_dtype": "float16",
         "stages": {
             "data": {"source": "hf", "augment_factor": 2},
             "sft": {"base_model": "Qwen/Qwen2.5-0.5B-Instruct", "dataset": "course:qa",
@@ -109,7 +112,7 @@ PROFILES: dict[str, dict[str, Any]] = {
                    "batch_size": 16, "seq_len": 512, "lr": 3e-4},
             "dpo": {"base_model": "artifact:sft_model", "dataset": "course:pref_pairs",
                     "max_steps": 300, "batch_size": 4, "grad_accum": 4, "seq_len": 512, "lr": 5e-6,
-                    "beta": 0.1, "loss_type": "sigmoid",
+                    "beta": 0.1, "loss_type": "sigmoid", "gradient_checkpointing": True,
                     "lora": {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": _LORA_QKVO}},
             "qlora": {"base_model": "microsoft/phi-2", "dataset": "openlifescienceai/medmcqa",
                       "max_steps": 300, "batch_size": 4, "grad_accum": 4, "seq_len": 512, "lr": 2e-4,
@@ -129,7 +132,10 @@ PROFILES: dict[str, dict[str, Any]] = {
             # 07_agent: the DPO model drafts, refines and summarises; the rule auditor checks every draft
             "agent": {"mode": "llm", "llm_model": "artifact:dpo_model", "max_rounds": 2, "top_k": 5,
                       "memory_token_budget": 768, "keep_recent_turns": 4},
-            "eval": {"bertscore_model": "microsoft/deberta-xlarge-mnli", "n_qa": 400, "n_generate": 200,
+            # the leaderboard holds every model at once: the merged 8B (15 GiB) and Phi-2 (5 GiB)
+            # load in 4-bit to fit the T4's 15 GiB (medkit.memplan)
+            "eval": {"bertscore_model": "microsoft/deberta-xlarge-mnli", "load_in_4bit": ["cot", "qlora"],
+                     "n_qa": 400, "n_generate": 200,
                      "n_mcq": 400, "n_mcq_generate": 200, "n_pubmedqa": 500, "n_bench_generate": 200,
                      "n_latency": 50, "max_new_tokens": 256, "context_words": 400, "rag_k": 3,
                      "n_boot": 1000, "allow_hub": True,
@@ -145,20 +151,24 @@ PROFILES: dict[str, dict[str, Any]] = {
         "description": "One 24 GB+ GPU (L4, A10, RTX 3090/4090, A100): bf16 where supported.",
         "device": "cuda",
         "memory_budget": "24 GB GPU, 32 GB RAM",
+        "gpu_budget_gib": 24, "gpu_dtype": "bfloat16",
         "stages": {
             "data": {"source": "hf", "augment_factor": 2},
+            # batches of 4 × accumulation 4 (16 per step) with checkpointing: at batch 16 × 1024
+            # tokens the loss's logits alone (Qwen's 152k vocabulary) take 23 GiB (medkit.memplan)
             "sft": {"base_model": "Qwen/Qwen2.5-0.5B-Instruct", "dataset": "course:qa",
-                    "max_steps": 1000, "batch_size": 16, "seq_len": 1024, "lr": 2e-4,
+                    "max_steps": 1000, "batch_size": 4, "grad_accum": 4, "seq_len": 1024, "lr": 2e-4,
+                    "gradient_checkpointing": True,
                     "lora": {"r": 64, "alpha": 128, "dropout": 0.05, "target_modules": _LORA_QKVO}},
             "t5": {"base_model": "google/flan-t5-small", "dataset": "course:qa", "max_steps": 1000,
                    "batch_size": 32, "seq_len": 512, "lr": 3e-4},
             "dpo": {"base_model": "artifact:sft_model", "dataset": "course:pref_pairs",
-                    "max_steps": 500, "batch_size": 8, "grad_accum": 2, "seq_len": 1024, "lr": 5e-6,
-                    "beta": 0.1, "loss_type": "sigmoid",
+                    "max_steps": 500, "batch_size": 2, "grad_accum": 8, "seq_len": 1024, "lr": 5e-6,
+                    "beta": 0.1, "loss_type": "sigmoid", "gradient_checkpointing": True,
                     "lora": {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": _LORA_QKVO}},
             "qlora": {"base_model": "microsoft/phi-2", "dataset": "openlifescienceai/medmcqa",
                       "max_steps": 1000, "batch_size": 8, "grad_accum": 2, "seq_len": 512, "lr": 2e-4,
-                      "load_in_4bit": True,
+                      "load_in_4bit": True, "gradient_checkpointing": True,  # eager attention: 27 GiB without
                       "hpo": {"ranks": [16, 32, 64], "lrs": [1e-4, 2e-4], "steps": 50},
                       "lora": {"r": 32, "alpha": 64, "dropout": 0.1,
                                "target_modules": ["q_proj", "k_proj", "v_proj", "dense"]}},
@@ -174,7 +184,9 @@ PROFILES: dict[str, dict[str, Any]] = {
             # 07_agent: the DPO model drafts, refines and summarises; the rule auditor checks every draft
             "agent": {"mode": "llm", "llm_model": "artifact:dpo_model", "max_rounds": 2, "top_k": 5,
                       "memory_token_budget": 1024, "keep_recent_turns": 4},
-            "eval": {"bertscore_model": "microsoft/deberta-xlarge-mnli", "n_qa": 400, "n_generate": 200,
+            # the leaderboard holds every model at once: the merged 8B in 16-bit alone is 15 GiB
+            "eval": {"bertscore_model": "microsoft/deberta-xlarge-mnli", "load_in_4bit": ["cot"],
+                     "n_qa": 400, "n_generate": 200,
                      "n_mcq": 400, "n_mcq_generate": 200, "n_pubmedqa": 500, "n_bench_generate": 200,
                      "n_latency": 50, "max_new_tokens": 256, "context_words": 400, "rag_k": 3,
                      "n_boot": 1000, "allow_hub": True,

@@ -44,8 +44,12 @@ def fp32_adapters_for_fp16(trainer, dtype: str):
     return trainer
 
 
-def load_causal_lm(path: str, dtype: str = "float32", device: str = "cpu"):
-    """(model, tokenizer) with a pad token and a chat template, or a clear error naming the model."""
+def load_causal_lm(path: str, dtype: str = "float32", device: str = "cpu", load_in_4bit: bool = False):
+    """(model, tokenizer) with a pad token and a chat template, or a clear error naming the model.
+
+    ``load_in_4bit``: NF4 weights (bitsandbytes) computing in ``dtype``, for a model whose 16-bit
+    weights do not fit beside the others (``medkit.memplan``): 05's merged 8B on a T4, 08's
+    leaderboard."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(path)
@@ -54,9 +58,30 @@ def load_causal_lm(path: str, dtype: str = "float32", device: str = "cpu"):
                          f"with the model's own template. Use an instruct/chat model or set tokenizer.chat_template.")
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
+    if load_in_4bit:
+        from .qlora import bnb_config
+
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=torch_dtype(dtype), quantization_config=bnb_config(dtype),
+            device_map={"": 0} if device == "cuda" else {"": device})
+        return model, tok
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype))
     model.to(device)
     return model, tok
+
+
+def free_memory() -> int:
+    """Collect garbage and return cached GPU blocks to the driver, after the caller dropped its
+    references (``del model, trainer``). Returns the bytes still allocated on the GPU (0 on CPU)."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        return int(torch.cuda.memory_allocated())
+    return 0
 
 
 def messages(question: str, system: str = SYSTEM_PROMPT) -> list[dict[str, str]]:
