@@ -103,9 +103,10 @@ def hf_config(name: str):
     return AutoConfig.for_model(arch["model_type"], **arch["config"])
 
 
-def build(name: str, device: str = "meta"):
+def build(name: str, device: str = "meta", dtype=None):
     """The model of the real architecture, built on ``device`` with random (``meta``: no)
-    weights. ``meta`` costs no memory; the rehearsal builds on ``cuda``."""
+    weights, in ``dtype`` (a torch dtype; None: fp32). ``meta`` costs no memory; the rehearsal
+    builds on ``cuda``."""
     import torch
     from transformers import (AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM,
                               AutoModelForSequenceClassification)
@@ -114,7 +115,7 @@ def build(name: str, device: str = "meta"):
     cls = {"causal": AutoModelForCausalLM, "seq2seq": AutoModelForSeq2SeqLM, "encoder": AutoModel,
            "cross-encoder": AutoModelForSequenceClassification}[arch["kind"]]
     with torch.device(device):
-        return cls.from_config(hf_config(name))
+        return cls.from_config(hf_config(name), **({"dtype": dtype} if dtype is not None else {}))
 
 
 @dataclass(frozen=True)

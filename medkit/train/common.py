@@ -134,6 +134,43 @@ def template_ok(result: dict[str, Any]) -> bool:
         marker in raw for marker in ("<|im_start|>", "<｜User｜>", "Instruct:", "<|endoftext|>"))
 
 
+_PROBE = "\u2063medkit-probe\u2063"  # text no template rewrites, to find the end-of-turn suffix
+
+
+def render_completion(tok, prompt: list[dict[str, str]], completion: str) -> tuple[str, str]:
+    """``(prompt_text, completion_text)``: the prompt exactly as at inference (with the
+    generation prompt) and the assistant turn that follows it, end-of-turn text included.
+
+    Most templates render prompt + completion as the prompt followed by the turn. Some rewrite
+    an assistant turn: DeepSeek-R1-Distill's keeps only the text after ``</think>``, and its
+    generation prompt already opens ``<think>\n``. Rendering the whole conversation then drops the
+    reasoning and no longer starts with the prompt, so the completion is built instead from the
+    generation prompt: the completion text (less what the generation prompt already opened),
+    then the template's own end-of-turn suffix."""
+    head = tok.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    full = tok.apply_chat_template(prompt + [{"role": "assistant", "content": completion}], tokenize=False)
+    if full.startswith(head) and completion.strip() in full[len(head):]:
+        return head, full[len(head):]
+    probe = tok.apply_chat_template(prompt + [{"role": "assistant", "content": _PROBE}], tokenize=False)
+    suffix = probe[probe.rindex(_PROBE) + len(_PROBE):]
+    plain = tok.apply_chat_template(prompt, tokenize=False, add_generation_prompt=False)
+    opened = head[len(plain):] if head.startswith(plain) else head
+    body = completion
+    for k in range(min(len(opened), len(body)), 0, -1):  # e.g. R1's "<think>\n"
+        if opened.endswith(body[:k]):
+            body = body[k:]
+            break
+    return head, body + suffix
+
+
+def tokenize_completion(tok, prompt: list[dict[str, str]], completion: str) -> tuple[list[int], int]:
+    """Token ids of prompt + completion (rendered by :func:`render_completion`, each part
+    tokenized on its own, as generation sees the prompt) and the prompt's length."""
+    head, body = render_completion(tok, prompt, completion)
+    h = tok(head, add_special_tokens=False)["input_ids"]
+    return h + tok(body, add_special_tokens=False)["input_ids"], len(h)
+
+
 def encode_completions(tok, prompts: list[list[dict[str, str]]], completions: list[str], device="cpu"):
     """Chat-format each (prompt, completion) pair and pad them into one batch. Returns
     ``(input_ids, attention_mask, labels)`` where ``labels`` is -100 on the prompt and padding,
@@ -142,12 +179,9 @@ def encode_completions(tok, prompts: list[list[dict[str, str]]], completions: li
 
     ids, labels = [], []
     for p, c in zip(prompts, completions):
-        head = tok(tok.apply_chat_template(p, tokenize=False, add_generation_prompt=True),
-                   add_special_tokens=False)["input_ids"]
-        full = tok(tok.apply_chat_template(p + [{"role": "assistant", "content": c}], tokenize=False),
-                   add_special_tokens=False)["input_ids"]
+        full, n_prompt = tokenize_completion(tok, p, c)
         ids.append(full)
-        labels.append([-100] * len(head) + full[len(head):])
+        labels.append([-100] * n_prompt + full[n_prompt:])
     width = max(map(len, ids))
     x = torch.tensor([r + [tok.pad_token_id] * (width - len(r)) for r in ids], device=device)
     attn = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in ids], device=device)

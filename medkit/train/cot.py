@@ -222,12 +222,21 @@ def load_for_training(base_path: str, cfg: dict[str, Any]):
     return get_peft_model(model, lora_config(lora, **extra)), tok, "transformers"
 
 
-def to_dataset(rows: list[dict[str, Any]]):
+def to_dataset(rows: list[dict[str, Any]], tok):
+    """Tokenized training examples (``input_ids``, ``completion_mask``): the prompt as at
+    inference, then the whole target, reasoning included. Rendered by
+    ``common.render_completion``, because R1-Distill's own template drops everything up to
+    ``</think>`` from an assistant turn: a conversational dataset would train on the answer
+    without its reasoning."""
     from datasets import Dataset
 
-    return Dataset.from_list([{"prompt": build_prompt(r["Question"]),
-                               "completion": [{"role": "assistant", "content": training_target(r)}]}
-                              for r in rows])
+    from .common import tokenize_completion
+
+    out = []
+    for r in rows:
+        ids, n_prompt = tokenize_completion(tok, build_prompt(r["Question"]), training_target(r))
+        out.append({"input_ids": ids, "completion_mask": [0] * n_prompt + [1] * (len(ids) - n_prompt)})
+    return Dataset.from_list(out)
 
 
 def make_trainer(model, tok, train_rows, eval_rows, cfg: dict[str, Any], out_dir, **extra: Any):
@@ -247,8 +256,8 @@ def make_trainer(model, tok, train_rows, eval_rows, cfg: dict[str, Any], out_dir
                 **precision_flags(cfg["dtype"]))
     args.update(extra)
     trainer_class = _model_loss_trainer_class() if cfg.get("train_tokens") else SFTTrainer
-    trainer = trainer_class(model=model, args=SFTConfig(**args), train_dataset=to_dataset(train_rows),
-                            eval_dataset=to_dataset(eval_rows) if eval_rows else None, processing_class=tok)
+    trainer = trainer_class(model=model, args=SFTConfig(**args), train_dataset=to_dataset(train_rows, tok),
+                            eval_dataset=to_dataset(eval_rows, tok) if eval_rows else None, processing_class=tok)
     return fp32_adapters_for_fp16(trainer, cfg["dtype"])
 
 

@@ -1,0 +1,79 @@
+"""The GPU profiles' defects found by reading (issue "GPU profiles"), each tested on the CPU."""
+import pytest
+
+from medkit import config
+from medkit.data import generate
+
+
+# ---------------------------------------------------------------- defect 2: R1-Distill's template
+
+@pytest.fixture(scope="module")
+def r1_tok(kbase):
+    """A tokenizer with R1's special tokens and the real DeepSeek-R1-Distill chat template (trl
+    ships the released template byte for byte; it is read from the installed trl)."""
+    from trl.chat_template_utils import deepseek_r1_distill_chat_template
+
+    from medkit import tiny
+
+    texts = [p["text"] for p in generate.passages(kbase)][:300]
+    texts += [f"{r['Complex_CoT']} {r['Response']}" for r in generate.cot_cases(kbase)[:100]]
+    tok = tiny.family_tokenizer(tiny.train_tokenizer(texts, vocab_size=1024), "llama")
+    tok.chat_template = deepseek_r1_distill_chat_template
+    return tok
+
+
+def _squash(text: str) -> str:
+    return " ".join(text.split())
+
+
+def test_the_real_r1_template_drops_reasoning_from_an_assistant_turn(r1_tok, kbase):
+    from medkit.train import cot
+
+    row = generate.cot_cases(kbase)[0]
+    prompt = cot.build_prompt(row["Question"])
+    head = r1_tok.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    full = r1_tok.apply_chat_template(prompt + [{"role": "assistant", "content": cot.training_target(row)}],
+                                      tokenize=False)
+    assert head.endswith("<｜Assistant｜><think>\n")
+    assert not full.startswith(head) and row["Complex_CoT"].strip()[:50] not in full  # what the fix works around
+
+
+def test_r1_training_examples_keep_the_reasoning_in_the_completion(r1_tok, kbase, tmp_path):
+    """Defect 2: with R1's template, 05's trained completion must hold the <think> reasoning, and
+    prompt + completion must render exactly as at inference."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from medkit.train import common, cot
+
+    rows = generate.cot_cases(kbase)[:3]
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(r1_tok), hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2))
+    cfg = config.resolve("tiny", "cot", max_steps=1, seq_len=2048)
+    trainer = cot.make_trainer(model, r1_tok, rows, None, cfg, tmp_path / "cot")
+    for row, ex in zip(rows, trainer.train_dataset):
+        ids, labels = ex["input_ids"], ex["labels"]
+        trained = _squash(r1_tok.decode([t for t, lab in zip(ids, labels) if lab != -100]))
+        context = r1_tok.decode([t for t, lab in zip(ids, labels) if lab == -100])
+        assert _squash(row["Complex_CoT"])[:80] in trained, "the reasoning is not in the trained completion"
+        assert "</think>" in trained and _squash(row["Response"])[:60] in trained
+        assert trained.endswith("<｜end▁of▁sentence｜>")
+        head = r1_tok.apply_chat_template(cot.build_prompt(row["Question"]), tokenize=False, add_generation_prompt=True)
+        assert context == head  # the model trains on exactly the prompt it sees at inference
+    assert trainer.train().global_step == 1  # the tokenized examples train
+    # the held-out loss of 05 scores the same tokens
+    x, attn, y = common.encode_completions(r1_tok, [cot.build_prompt(rows[0]["Question"])], [cot.training_target(rows[0])])
+    scored = _squash(r1_tok.decode([t for t in y[0].tolist() if t != -100]))
+    assert _squash(rows[0]["Complex_CoT"])[:80] in scored
+
+
+def test_templates_that_keep_the_turn_render_as_before(kbase):
+    """ChatML (Qwen) keeps the whole assistant turn: the completion is the rendered turn."""
+    from medkit import tiny
+    from medkit.train import common
+
+    tok = tiny.family_tokenizer(tiny.train_tokenizer([p["text"] for p in generate.passages(kbase)][:200], 512), "qwen2")
+    prompt = common.messages("What is asthma?")
+    head, body = common.render_completion(tok, prompt, "A chronic airway disease.")
+    assert head.endswith("<|im_start|>assistant\n") and body == "A chronic airway disease.<|im_end|>\n"
