@@ -232,7 +232,7 @@ class Rehearsal:
 
         def do_reload():
             cfg = self.cfg("cot")
-            model, tok, how = cot.reload_merged(state["folder"], cfg, self.profile)
+            model, tok, how = cot.reload_merged(state["folder"], cfg)
             gens = common.generate(model, tok, [cot.build_prompt("Fever?")], max_new_tokens=8)
             return {"model": name, "reloaded": how, "generated": len(gens)}
 

@@ -77,3 +77,44 @@ def test_templates_that_keep_the_turn_render_as_before(kbase):
     prompt = common.messages("What is asthma?")
     head, body = common.render_completion(tok, prompt, "A chronic airway disease.")
     assert head.endswith("<|im_start|>assistant\n") and body == "A chronic airway disease.<|im_end|>\n"
+
+
+# ---------------------------------------------------------------- defect 3: 05's reload on a T4
+
+def _notebook_code(name: str) -> str:
+    import nbformat
+
+    from conftest import REPO
+
+    nb = nbformat.read(REPO / "notebooks" / f"{name}.ipynb", as_version=4)
+    return "\n".join(c.source for c in nb.cells if c.cell_type == "code")
+
+
+def test_05_frees_the_training_model_and_reloads_in_4bit_where_16bit_does_not_fit(tmp_path):
+    """Defect 3: 05 reloaded the merged 8B in 16-bit (15 GiB) while the 4-bit model was loaded."""
+    from medkit.train import cot
+
+    t4 = dict(config.resolve("colab-t4", "cot"), device="cuda")
+    big = dict(config.resolve("gpu-24gb", "cot"), device="cuda")
+    assert cot.reload_choice(t4) == "4-bit"
+    assert cot.reload_choice(big) == "16-bit"
+    assert cot.reload_choice(big, resident_bytes=10 * 2 ** 30) == "4-bit"  # the training model still there
+    assert cot.reload_choice(config.resolve("tiny", "cot")) == "full"
+    code = _notebook_code("05_r1_cot_unsloth")
+    assert "load_causal_lm(str(merged_dir)" not in code
+    free, reload = code.index("del model, trainer"), code.index("cot.reload_merged(merged_dir, cfg)")
+    assert free < reload and "common.free_memory()" in code[free:reload]
+
+
+def test_reload_merged_loads_the_exported_folder_on_the_cpu(tmp_path, kbase):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from medkit import tiny
+    from medkit.train import cot
+
+    tok = tiny.family_tokenizer(tiny.train_tokenizer([p["text"] for p in generate.passages(kbase)][:100], 400), "llama")
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=2)).save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    model, rtok, how = cot.reload_merged(tmp_path / "m", config.resolve("tiny", "cot"))
+    assert how == "full" and model.device.type == "cpu" and rtok.chat_template

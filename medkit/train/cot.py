@@ -205,12 +205,16 @@ def load_for_training(base_path: str, cfg: dict[str, Any]):
             target_modules=list(lora["target_modules"]), bias="none",
             use_gradient_checkpointing="unsloth", random_state=cfg.get("seed", 0))
         return model, tok, "unsloth"
-    from peft import get_peft_model
+    from peft import get_peft_model, prepare_model_for_kbit_training
 
     from .common import load_causal_lm
     from .sft import lora_config
 
-    model, tok = load_causal_lm(base_path, cfg["dtype"], cfg["device"])
+    quantized = bool(cfg.get("load_in_4bit")) and cfg["device"] == "cuda"
+    # 4-bit without Unsloth too: the 8B in 16-bit (15 GiB) does not fit a T4 (medkit.memplan)
+    model, tok = load_causal_lm(base_path, cfg["dtype"], cfg["device"], load_in_4bit=quantized)
+    if quantized:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
     extra = {}
     if cfg.get("train_tokens"):
         # a base that never saw these tokens has random embedding rows for them; train just
@@ -298,3 +302,30 @@ def export_merged(model, tok, folder, path: str, cfg: dict[str, Any]) -> Path:
         tok.save_pretrained(folder)
     (folder / "medkit_config.json").write_text(json.dumps(cfg, indent=2, default=str) + "\n")
     return folder
+
+
+def reload_choice(cfg: dict[str, Any], resident_bytes: float = 0.0) -> str:
+    """How 05 reloads its merged model: ``"full"`` on the CPU (the profile's dtype); on a GPU
+    ``"16-bit"`` where the merged model fits the profile's budget beside ``resident_bytes``, else
+    ``"4-bit"`` (the merged 8B is 15 GiB in 16-bit: more than a T4 holds)."""
+    if cfg["device"] != "cuda":
+        return "full"
+    from .. import memplan
+
+    return memplan.reload_precision(cfg["profile"], cfg["base_model"], resident_bytes)
+
+
+def reload_merged(folder, cfg: dict[str, Any]):
+    """``(model, tokenizer, precision)``: the exported merged model, loaded back as the later
+    notebooks load it, in 4-bit where 16-bit would not fit. Free the training model first
+    (``del model, trainer; common.free_memory()``): it is still on the GPU otherwise."""
+    from .common import load_causal_lm
+
+    resident = 0
+    if cfg["device"] == "cuda":
+        import torch
+
+        resident = torch.cuda.memory_allocated()
+    how = reload_choice(cfg, resident)
+    model, tok = load_causal_lm(str(folder), cfg["dtype"], cfg["device"], load_in_4bit=how == "4-bit")
+    return model, tok, how
