@@ -118,3 +118,76 @@ def test_reload_merged_loads_the_exported_folder_on_the_cpu(tmp_path, kbase):
     tok.save_pretrained(tmp_path / "m")
     model, rtok, how = cot.reload_merged(tmp_path / "m", config.resolve("tiny", "cot"))
     assert how == "full" and model.device.type == "cpu" and rtok.chat_template
+
+
+# ---------------------------------------------------------------- defect 4: HF server on the GPU
+
+class _FakeModel:
+    """Weights on a device that is not the CPU (the meta device stands in for the GPU): every
+    input must arrive there. Returns CPU logits that always pick token 5."""
+
+    def __init__(self):
+        import torch
+
+        self.device = torch.device("meta")
+        self.calls = 0
+
+    def __call__(self, input_ids, attention_mask, position_ids, past_key_values, use_cache):
+        import types
+
+        import torch
+
+        for name, t in (("input_ids", input_ids), ("attention_mask", attention_mask), ("position_ids", position_ids)):
+            assert t.device == self.device, f"{name} on {t.device}, the model on {self.device}"
+        self.calls += 1
+        logits = torch.zeros(input_ids.shape[0], input_ids.shape[1], 8)
+        logits[..., 5] = 1.0
+        return types.SimpleNamespace(logits=logits, past_key_values=None)
+
+
+def test_hf_server_decodes_on_the_models_device():
+    """Defect 4: the HF reference server built its inputs on the CPU whatever the model's device."""
+    import asyncio
+    import types
+
+    from medkit.serve import hf_server
+
+    tok = types.SimpleNamespace(eos_token_id=0, pad_token_id=1)
+    model = _FakeModel()
+    dec = hf_server.BatchDecoder(model, tok, mode="batch")
+    loop = asyncio.new_event_loop()
+    jobs = [hf_server._Job([3, 4, 2], 3, 0.0, {}, loop, asyncio.Queue()), hf_server._Job([2], 3, 0.0, {}, loop, asyncio.Queue())]
+    dec._decode(jobs)
+    dec.close()
+    loop.close()
+    assert model.calls == 3 and [j.tokens for j in jobs] == [[5, 5, 5], [5, 5, 5]]
+
+
+def test_hf_server_loads_on_the_profiles_device(monkeypatch):
+    import torch
+
+    from medkit.serve import engines, hf_server, loadtest
+    from medkit.train import common
+
+    seen = {}
+
+    def fake_load(path, dtype="float32", device="cpu", load_in_4bit=False):
+        seen.update(path=path, dtype=dtype, device=device)
+        raise RuntimeError("stop after loading")
+
+    monkeypatch.setattr(common, "load_causal_lm", fake_load)
+    with pytest.raises(RuntimeError, match="stop after loading"):
+        hf_server.create_app("some/model", device="cuda", dtype="float16")
+    assert seen == {"path": "some/model", "dtype": "float16", "device": "cuda"}
+    # a T4: the profile's device is the GPU, in fp16
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, **k: (7, 5))
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    monkeypatch.setattr(torch.version, "hip", None, raising=False)
+    assert hf_server.resolve_device("colab-t4", None, None) == ("cuda", "float16")
+    assert hf_server.resolve_device(None, None, None) == ("cpu", "float32")
+    backends = loadtest.four_backends("m", "m.gguf", "logs", dtype="float16", device="cuda")
+    for name in ("hf_naive", "hf_batch"):
+        cmd = backends[name].command
+        assert cmd[cmd.index("--device") + 1] == "cuda" and cmd[cmd.index("--dtype") + 1] == "float16"
+    assert "--device" in engines.hf_command("m", 1, device="cpu")
