@@ -114,14 +114,20 @@ PROFILES: dict[str, dict[str, Any]] = {
                     "max_steps": 300, "batch_size": 4, "grad_accum": 4, "seq_len": 512, "lr": 5e-6,
                     "beta": 0.1, "loss_type": "sigmoid", "gradient_checkpointing": True,
                     "lora": {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": _LORA_QKVO}},
+            # MedMCQA's train split trains (as the Phi-2 system does); its validation split is
+            # halved into validation and test (medkit.data.sources)
             "qlora": {"base_model": "microsoft/phi-2", "dataset": "openlifescienceai/medmcqa",
+                      "train_limit": 6000, "eval_limit": 300,
                       "max_steps": 300, "batch_size": 4, "grad_accum": 4, "seq_len": 512, "lr": 2e-4,
                       "load_in_4bit": True, "gradient_checkpointing": True,
                       "hpo": {"ranks": [16, 32], "lrs": [1e-4, 2e-4], "steps": 30},
                       "lora": {"r": 32, "alpha": 64, "dropout": 0.1,
                                "target_modules": ["q_proj", "k_proj", "v_proj", "dense"]}},
             "cot": {"base_model": "unsloth/DeepSeek-R1-Distill-Llama-8B-unsloth-bnb-4bit",
+                    # FEMOZ's data trains; the course's held-out cases score diagnoses (they name a
+                    # knowledge-base condition, medical-o1's rows do not)
                     "dataset": "FreedomIntelligence/medical-o1-reasoning-SFT", "max_steps": 60,
+                    "train_limit": 1000, "eval_limit": 64, "eval_dataset": "course:cot",
                     "batch_size": 2, "grad_accum": 4, "seq_len": 2048, "lr": 2e-4,
                     "use_unsloth": True, "warmup_steps": 5, "optim": "adamw_8bit", "load_in_4bit": True,
                     "lora": {"r": 16, "alpha": 16, "dropout": 0.0, "target_modules": _LLAMA_ALL}},
@@ -167,6 +173,7 @@ PROFILES: dict[str, dict[str, Any]] = {
                     "beta": 0.1, "loss_type": "sigmoid", "gradient_checkpointing": True,
                     "lora": {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": _LORA_QKVO}},
             "qlora": {"base_model": "microsoft/phi-2", "dataset": "openlifescienceai/medmcqa",
+                      "train_limit": 20000, "eval_limit": 400,
                       "max_steps": 1000, "batch_size": 8, "grad_accum": 2, "seq_len": 512, "lr": 2e-4,
                       "load_in_4bit": True, "gradient_checkpointing": True,  # eager attention: 27 GiB without
                       "hpo": {"ranks": [16, 32, 64], "lrs": [1e-4, 2e-4], "steps": 50},
@@ -174,6 +181,7 @@ PROFILES: dict[str, dict[str, Any]] = {
                                "target_modules": ["q_proj", "k_proj", "v_proj", "dense"]}},
             "cot": {"base_model": "unsloth/DeepSeek-R1-Distill-Llama-8B-unsloth-bnb-4bit",
                     "dataset": "FreedomIntelligence/medical-o1-reasoning-SFT", "max_steps": 200,
+                    "train_limit": 2000, "eval_limit": 64, "eval_dataset": "course:cot",
                     "batch_size": 2, "grad_accum": 4, "seq_len": 2048, "lr": 2e-4,
                     "use_unsloth": True, "warmup_steps": 5, "optim": "adamw_8bit", "load_in_4bit": True,
                     "lora": {"r": 16, "alpha": 16, "dropout": 0.0, "target_modules": _LLAMA_ALL}},

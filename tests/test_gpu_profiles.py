@@ -191,3 +191,69 @@ def test_hf_server_loads_on_the_profiles_device(monkeypatch):
         cmd = backends[name].command
         assert cmd[cmd.index("--device") + 1] == "cuda" and cmd[cmd.index("--dtype") + 1] == "float16"
     assert "--device" in engines.hf_command("m", 1, device="cpu")
+
+
+# ---------------------------------------------------------------- defect 6: the seeds' real data
+
+def _write_jsonl(path, rows):
+    import json
+
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _course_dir(tmp_path, kbase):
+    import json
+
+    d = tmp_path / "course"
+    for name, rows in (("mcq", generate.mcqs(kbase)[:30]), ("cot", generate.cot_cases(kbase)[:30])):
+        (d / name).mkdir(parents=True)
+        for split, part in (("train", rows[:20]), ("validation", rows[20:25]), ("test", rows[25:])):
+            (d / name / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
+    return d
+
+
+def test_gpu_profiles_train_04_and_05_on_medmcqa_and_medical_o1(tmp_path, kbase):
+    """Defect 6: the GPU profiles named MedMCQA and medical-o1, but 04 and 05 read the course's
+    sets on every profile. Small local files in the loaders' schemas stand in for the hub."""
+    from medkit.data import sources
+    from medkit.evaluate import mcq
+    from medkit.train import cot
+
+    course = _course_dir(tmp_path, kbase)
+    medmcqa = _write_jsonl(tmp_path / "medmcqa.jsonl", [
+        {"id": f"m{i}", "question": f"Which nerve supplies muscle {i}?", "opa": "Radial", "opb": "Ulnar",
+         "opc": "Median", "opd": "Axillary", "cop": i % 4, "exp": "Anatomy.", "subject_name": "Anatomy",
+         "choice_type": "multi" if i % 10 == 9 else "single"} for i in range(60)])
+    o1 = _write_jsonl(tmp_path / "o1.jsonl", [
+        {"Question": f"A {30 + i}-year-old has fever and cough. Diagnosis?", "Complex_CoT": "Fever and cough suggest...",
+         "Response": "Community-acquired pneumonia."} for i in range(40)])
+
+    q = dict(config.resolve("colab-t4", "qlora"), train_limit=30, eval_limit=8)
+    assert q["dataset"] == "openlifescienceai/medmcqa"
+    data = sources.stage_splits(q, course, source=medmcqa)
+    assert 0 < len(data.train) <= 30 and len(data.validation) == 8 and len(data.test) == 8
+    assert all(r["id"].startswith("m") for r in data.train + data.validation + data.test)
+    assert all(r.get("choice_type") == "single" for r in data.train)
+    mcq.validate(data.train, "medmcqa/train")
+    assert "openlifescienceai/medmcqa" in data.description
+
+    c = dict(config.resolve("gpu-24gb", "cot"), train_limit=20, eval_limit=5)
+    data = sources.stage_splits(c, course, source=o1)
+    assert len(data.train) == 20 and len(data.validation) == 5
+    cot.validate(data.train, "o1/train")
+    assert all(r["Question"].startswith("A ") for r in data.train)
+    assert all(r.get("condition_id") for r in data.test)  # scored on the course's cases (named diagnoses)
+    assert "medical-o1-reasoning-SFT" in data.description
+
+    tiny = sources.stage_splits(config.resolve("tiny", "qlora"), course)
+    assert len(tiny.train) == 20 and "course mcq" in tiny.description
+    with pytest.raises(ValueError, match="no loader"):
+        sources.stage_splits(dict(q, dataset="someone/unknown"), course)
+
+
+def test_04_and_05_read_their_data_through_the_profile():
+    for name in ("04_qlora_phi2", "05_r1_cot_unsloth"):
+        code = _notebook_code(name)
+        assert "sources.stage_splits(cfg" in code and "pipeline.load_split" not in code
+        assert "data.description" in code  # printed, and written into the model card
