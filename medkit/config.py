@@ -72,7 +72,9 @@ PROFILES: dict[str, dict[str, Any]] = {
                     # the CPU reranker is trained here (medkit.rag.rerank): a query adapter over MiniLM
                     "reranker_train_questions": 1500, "adapter_epochs": 100, "adapter_lr": 1e-2,
                     "min_score": 0.5,  # abstain when the best reranked passage scores below this
-                    "scale_sizes": [1000, 10000, 50000], "medquad_limit": 1500, "pubmedqa_model": None},
+                    "scale_sizes": [1000, 10000, 50000], "medquad_limit": 1500, "pubmedqa_model": None,
+                    # no LLM on this profile: 06 answers extractively (medkit.rag.answer.load_generator)
+                    "generator": None},
             # 07_agent: rule- and KB-driven draft/audit/refine and extractive summary memory (the tiny
             # models cannot write usable answers); the token budget is in whitespace tokens
             "agent": {"mode": "rules", "llm_model": None, "max_rounds": 3, "top_k": 5,
@@ -134,7 +136,9 @@ PROFILES: dict[str, dict[str, Any]] = {
             "rag": {"embedder": "BAAI/bge-small-en-v1.5", "reranker": "BAAI/bge-reranker-base",
                     "top_k": 10, "rerank_k": 3, "reranker_max_length": 512, "min_score": 0.3,
                     "scale_sizes": [1000, 10000, 50000], "medquad_limit": 6000,
-                    "pubmedqa_model": "artifact:sft_model"},
+                    "pubmedqa_model": "artifact:sft_model",
+                    # 06's answerer: the DPO model writes answers with [E#] citations from the evidence
+                    "generator": "artifact:dpo_model", "generator_max_new_tokens": 256},
             # 07_agent: the DPO model drafts, refines and summarises; the rule auditor checks every draft
             "agent": {"mode": "llm", "llm_model": "artifact:dpo_model", "max_rounds": 2, "top_k": 5,
                       "memory_token_budget": 768, "keep_recent_turns": 4},
@@ -188,7 +192,9 @@ PROFILES: dict[str, dict[str, Any]] = {
             "rag": {"embedder": "BAAI/bge-m3", "reranker": "BAAI/bge-reranker-v2-m3",
                     "top_k": 10, "rerank_k": 3, "reranker_max_length": 512, "min_score": 0.3,
                     "scale_sizes": [1000, 10000, 50000], "medquad_limit": 6000,
-                    "pubmedqa_model": "artifact:sft_model"},
+                    "pubmedqa_model": "artifact:sft_model",
+                    # 06's answerer: the DPO model writes answers with [E#] citations from the evidence
+                    "generator": "artifact:dpo_model", "generator_max_new_tokens": 256},
             # 07_agent: the DPO model drafts, refines and summarises; the rule auditor checks every draft
             "agent": {"mode": "llm", "llm_model": "artifact:dpo_model", "max_rounds": 2, "top_k": 5,
                       "memory_token_budget": 1024, "keep_recent_turns": 4},

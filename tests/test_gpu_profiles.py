@@ -257,3 +257,100 @@ def test_04_and_05_read_their_data_through_the_profile():
         code = _notebook_code(name)
         assert "sources.stage_splits(cfg" in code and "pipeline.load_split" not in code
         assert "data.description" in code  # printed, and written into the model card
+
+
+# ---------------------------------------------------------------- defect 7: GPU-only RAG paths
+
+def _tiny_cross_encoder(folder, kbase, steps: int = 30):
+    """A two-layer BERT cross-encoder built and trained here: (question, passage) → relevant?"""
+    import random
+
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from medkit import tiny
+
+    passages = {p["id"]: p["text"] for p in generate.passages(kbase)}
+    conds = sorted(kbase.conditions.values(), key=lambda c: c["id"])[:16]
+    pairs = []
+    rng = random.Random(0)
+    for c in conds:
+        own = [pid for pid in passages if pid.startswith(f"cond.{c['id']}.")][:1]
+        if not own:
+            continue
+        other = rng.choice([pid for pid in passages if not pid.startswith(f"cond.{c['id']}.")])
+        q = f"What is {c['name'].lower()}?"
+        pairs.append((q, own[0], other))
+    tok = tiny.family_tokenizer(tiny.train_tokenizer(list(passages.values())[:400], 800), "qwen2")
+    model = BertForSequenceClassification(BertConfig(vocab_size=len(tok), hidden_size=48, num_hidden_layers=2,
+                                                     num_attention_heads=2, intermediate_size=96, num_labels=1,
+                                                     max_position_embeddings=160, pad_token_id=tok.pad_token_id))
+    texts = [(q, passages[p]) for q, p, _ in pairs] + [(q, passages[n]) for q, _, n in pairs]
+    labels = torch.tensor([1.0] * len(pairs) + [0.0] * len(pairs))
+    enc = tok([a for a, _ in texts], [b for _, b in texts], truncation=True, max_length=64, padding=True,
+              return_tensors="pt")
+    enc.pop("token_type_ids", None)
+    torch.manual_seed(0)
+    opt = torch.optim.AdamW(model.parameters(), lr=5e-3)
+    losses = []
+    model.train()
+    for _ in range(steps):
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(model(**enc).logits.squeeze(-1), labels)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return pairs, passages, losses
+
+
+@pytest.mark.slow
+def test_cross_encoder_reranker_runs_with_a_cross_encoder_trained_here(tmp_path, kbase):
+    """Defect 7: CrossEncoderReranker (the BGE reranker's path on GPU profiles) had never run."""
+    from medkit.rag import rerank
+
+    pairs, passages, losses = _tiny_cross_encoder(tmp_path / "ce", kbase)
+    assert losses[-1] < 0.5 * losses[0]
+    reranker = rerank.load(str(tmp_path / "ce"), device="cpu")
+    assert isinstance(reranker, rerank.CrossEncoderReranker)
+    first = 0
+    for q, own, other in pairs:
+        ranked = reranker.rerank(q, [(other, 9.0), ("not-a-passage", 8.0), (own, 1.0)], passages)
+        assert [c for c, _ in ranked] in ([own, other], [other, own])  # unknown ids are dropped
+        assert ranked[0][1] >= ranked[1][1]
+        first += ranked[0][0] == own
+    assert first >= 0.8 * len(pairs), f"the trained cross-encoder put its passage first for {first} of {len(pairs)}"
+    assert len(reranker.rerank(pairs[0][0], [(p, 0.0) for p in list(passages)[:10]], passages, top=3)) == 3
+
+
+def test_every_profile_with_an_llm_wires_the_rag_generator():
+    """Defect 7: 06 never passed a generator. The rag stage names it wherever the profile has an
+    LLM (its agent drafts with one), and 06 hands it to answer()."""
+    for name, p in config.PROFILES.items():
+        has_llm = p["stages"]["agent"].get("mode") == "llm"
+        gen = p["stages"]["rag"].get("generator")
+        assert bool(gen) == has_llm, f"{name}: rag.generator={gen!r} but agent mode {p['stages']['agent'].get('mode')!r}"
+    code = _notebook_code("06_rag")
+    assert "answer.load_generator(cfg, session)" in code and "generate=generator" in code
+
+
+def test_the_generator_hook_loads_the_named_model_and_answers(tmp_path, kbase):
+    import types
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from medkit import tiny
+    from medkit.rag import answer
+
+    tok = tiny.family_tokenizer(tiny.train_tokenizer([p["text"] for p in generate.passages(kbase)][:100], 400), "qwen2")
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=2)).save_pretrained(tmp_path / "dpo")
+    tok.save_pretrained(tmp_path / "dpo")
+    session = types.SimpleNamespace(get=lambda name: tmp_path / name.replace("_model", ""))
+    assert answer.load_generator(config.resolve("tiny", "rag"), session) is None
+    cfg = dict(config.resolve("colab-t4", "rag"), device="cpu", dtype="float32")
+    write = answer.load_generator(cfg, session, max_new_tokens=4)
+    ev_texts = {"cond.asthma.treatment": "Asthma is treated with inhaled corticosteroids."}
+    ans = answer.answer("How is asthma treated?", [("cond.asthma.treatment", 1.0)], ev_texts, 0.0, generate=write)
+    assert isinstance(ans.text, str) and "valid" in ans.check  # whatever the random model wrote is checked
