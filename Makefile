@@ -29,7 +29,7 @@ $(STAMP): pyproject.toml
 	  echo "setup: compiling llama-cpp-python $(LLAMA_CPP_VERSION) once into $(WHEELS) (about 4 min on 2 cores)"; \
 	  $(PY) -m pip wheel --disable-pip-version-check -q --no-deps -w $(WHEELS) llama-cpp-python==$(LLAMA_CPP_VERSION); }
 	@echo "setup: installing medkit and its CPU dependencies into $(VENV) (torch 2.13.0 CPU wheel)"
-	$(PY) -m pip install --disable-pip-version-check -q --find-links $(WHEELS) -e ".[test]"
+	$(PY) -m pip install --disable-pip-version-check -q --find-links $(WHEELS) -e ".[test,cpu,serve]"
 	$(PY) -m ipykernel install --sys-prefix --name medkit --display-name "medkit (.venv)" >/dev/null
 	@touch $(STAMP)
 	@echo "setup: done"

@@ -354,3 +354,101 @@ def test_the_generator_hook_loads_the_named_model_and_answers(tmp_path, kbase):
     ev_texts = {"cond.asthma.treatment": "Asthma is treated with inhaled corticosteroids."}
     ans = answer.answer("How is asthma treated?", [("cond.asthma.treatment", 1.0)], ev_texts, 0.0, generate=write)
     assert isinstance(ans.text, str) and "valid" in ans.check  # whatever the random model wrote is checked
+
+
+# ---------------------------------------------------------------- defect 5: Colab set-up
+
+def _colab(monkeypatch, tmp_path, gpu=True):
+    """Colab's environment, simulated: its variables, nvidia-smi (or not), and every command the
+    set-up would run recorded instead of run (git clone builds the clone from this checkout)."""
+    import shutil
+    import site
+    import subprocess
+
+    from conftest import REPO
+
+    calls = []
+
+    def fake_run(cmd, check=False, **kw):
+        calls.append([str(c) for c in cmd])
+        if list(cmd[:2]) == ["git", "clone"]:
+            home = Path(cmd[-1])
+            home.mkdir(parents=True)
+            (home / "medkit").symlink_to(REPO / "medkit")
+            (home / "notebooks").mkdir()
+            shutil.copy(REPO / "pyproject.toml", home / "pyproject.toml")
+        return subprocess.CompletedProcess(cmd, 0)
+
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    monkeypatch.setattr(shutil, "which", lambda name: "/usr/bin/nvidia-smi" if gpu and name == "nvidia-smi" else None)
+    monkeypatch.setattr(site, "addsitedir", lambda d: None)
+    monkeypatch.setenv("COLAB_RELEASE_TAG", "release-colab_20261201-060000_RC00")
+    monkeypatch.setenv("MEDKIT_REPO", "https://git.example.org/medkit.git")
+    home = tmp_path / "content" / "medkit"
+    monkeypatch.setenv("MEDKIT_HOME", str(home))
+    monkeypatch.chdir(tmp_path)
+    return home, calls
+
+
+from pathlib import Path  # noqa: E402
+
+
+def test_the_colab_cell_keeps_colabs_torch_installs_once_and_is_safe_to_run_twice(monkeypatch, tmp_path):
+    """Defect 5: pip install -e replaced Colab's torch (torch==2.13.0 pin), compiled llama.cpp in
+    every notebook, had no Unsloth, and a second run cloned into an existing folder."""
+    import importlib.metadata as md
+
+    from medkit import nbtools
+
+    home, calls = _colab(monkeypatch, tmp_path, gpu=True)
+    cell = nbtools.colab_cell(nbtools.COLAB_EXTRAS["05_r1_cot_unsloth"])
+    exec(compile(cell, "colab-cell", "exec"), {})
+    assert calls[0][:2] == ["git", "clone"]
+    pips = [c for c in calls if "pip" in c]
+    assert len(pips) == 1
+    cmd = pips[0]
+    assert cmd[cmd.index("-e") + 1] == f"{home}[gpu]"  # Unsloth on a GPU runtime
+    assert Path(cmd[cmd.index("-c") + 1]).read_text() == f"torch=={md.version('torch')}\n"  # Colab's torch stays
+    assert "--extra-index-url" not in cmd  # no llama.cpp outside 09
+    assert Path.cwd() == home / "notebooks"
+    exec(compile(cell, "colab-cell", "exec"), {})  # "Run all" again: nothing cloned or installed twice
+    assert len([c for c in calls if "pip" in c]) == 1 and len([c for c in calls if c[:2] == ["git", "clone"]]) == 1
+    # 09 on a GPU: llama.cpp from prebuilt wheels, and vLLM, which brings its own torch (no constraint)
+    cell09 = nbtools.colab_cell(nbtools.COLAB_EXTRAS["09_vllm_serving"])
+    exec(compile(cell09, "colab-cell", "exec"), {})
+    cmd = [c for c in calls if "pip" in c][-1]
+    assert cmd[cmd.index("-e") + 1] == f"{home}[serve,vllm]" and "--extra-index-url" in cmd and "-c" not in cmd
+
+
+def test_colab_without_a_gpu_skips_unsloth_and_says_so(monkeypatch, tmp_path, capsys):
+    from medkit import nbtools
+
+    home, calls = _colab(monkeypatch, tmp_path, gpu=False)
+    exec(compile(nbtools.colab_cell(["gpu"]), "colab-cell", "exec"), {})
+    cmd = [c for c in calls if "pip" in c][0]
+    assert cmd[cmd.index("-e") + 1] == str(home)
+    assert "not installed: gpu" in capsys.readouterr().out
+
+
+def test_colab_says_when_the_runtime_must_restart(monkeypatch, tmp_path):
+    import json
+    import os
+
+    from medkit import colab
+
+    home, calls = _colab(monkeypatch, tmp_path)
+    calls.clear()
+    import subprocess
+
+    subprocess.run(["git", "clone", "x", str(home)])
+    versions = iter([{"numpy": "1.26.4", "torch": "2.9.0"}, {"numpy": "2.2.0", "torch": "2.9.0"}])
+    monkeypatch.setattr(colab, "loaded_versions", lambda: next(versions))
+    with pytest.raises(colab.RestartNeeded, match="numpy.*Restart session"):
+        colab.setup(str(home), ["gpu"], gpu=True)
+    with pytest.raises(colab.RestartNeeded):  # run again before restarting: still told
+        colab.setup(str(home), ["gpu"], gpu=True)
+    assert len([c for c in calls if "pip" in c]) == 1
+    stamp = home / colab.STAMP
+    state = json.loads(stamp.read_text())
+    stamp.write_text(json.dumps(dict(state, restart_pid=os.getpid() + 1)))  # a restarted runtime
+    assert colab.setup(str(home), ["gpu"], gpu=True, quiet=True)["installed"] is False
