@@ -100,7 +100,15 @@ class Rehearsal:
 
             texts = [p["text"] for p in generate.passages(kb.load())]
             raw = tiny.train_tokenizer(texts, vocab_size=4096)
-            self._tok[family] = tiny.family_tokenizer(raw, family)
+            tok = tiny.family_tokenizer(raw, family)
+            if family == "llama":  # the released R1-Distill template (trl ships it), as on the hub
+                try:
+                    from trl.chat_template_utils import deepseek_r1_distill_chat_template
+
+                    tok.chat_template = deepseek_r1_distill_chat_template
+                except ImportError:
+                    pass
+            self._tok[family] = tok
         return self._tok[family]
 
     def save_random(self, name: str, family: str) -> Path:
@@ -132,8 +140,11 @@ class Rehearsal:
                 for i in range(n)]
 
     def run(self, name: str, fn: Callable[[], dict[str, Any]]) -> None:
+        import gc
+
         import torch
 
+        gc.collect()  # trainers hold reference cycles: the last stage's model goes only now
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
