@@ -1,4 +1,6 @@
 """The GPU profiles' defects found by reading (issue "GPU profiles"), each tested on the CPU."""
+from pathlib import Path
+
 import pytest
 
 from medkit import config
@@ -388,9 +390,6 @@ def _colab(monkeypatch, tmp_path, gpu=True):
     monkeypatch.setenv("MEDKIT_HOME", str(home))
     monkeypatch.chdir(tmp_path)
     return home, calls
-
-
-from pathlib import Path  # noqa: E402
 
 
 def test_the_colab_cell_keeps_colabs_torch_installs_once_and_is_safe_to_run_twice(monkeypatch, tmp_path):
