@@ -38,7 +38,7 @@ $(STAMP): pyproject.toml Makefile
 	  CMAKE_ARGS="$(LLAMA_CPP_CMAKE)" $(PY) -m pip wheel --no-cache-dir --disable-pip-version-check -q --no-deps \
 	    -w $(WHEELS) llama-cpp-python==$(LLAMA_CPP_VERSION); }
 	@echo "setup: installing medkit and its CPU dependencies into $(VENV) (torch 2.13.0 CPU wheel)"
-	$(PY) -m pip install --disable-pip-version-check -q --find-links $(WHEELS) -e ".[test]"
+	$(PY) -m pip install --disable-pip-version-check -q --find-links $(WHEELS) -e ".[test,cpu,serve]"
 	@# an older .venv may hold a llama-cpp-python built another way: put this build in place
 	$(PY) -m pip install --disable-pip-version-check -q --no-deps --no-index --force-reinstall \
 	  --find-links $(WHEELS) llama-cpp-python==$(LLAMA_CPP_VERSION)

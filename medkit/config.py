@@ -72,7 +72,9 @@ PROFILES: dict[str, dict[str, Any]] = {
                     # the CPU reranker is trained here (medkit.rag.rerank): a query adapter over MiniLM
                     "reranker_train_questions": 1500, "adapter_epochs": 100, "adapter_lr": 1e-2,
                     "min_score": 0.5,  # abstain when the best reranked passage scores below this
-                    "scale_sizes": [1000, 10000, 50000], "medquad_limit": 1500, "pubmedqa_model": None},
+                    "scale_sizes": [1000, 10000, 50000], "medquad_limit": 1500, "pubmedqa_model": None,
+                    # no LLM on this profile: 06 answers extractively (medkit.rag.answer.load_generator)
+                    "generator": None},
             # 07_agent: rule- and KB-driven draft/audit/refine and extractive summary memory (the tiny
             # models cannot write usable answers); the token budget is in whitespace tokens
             "agent": {"mode": "rules", "llm_model": None, "max_rounds": 3, "top_k": 5,
@@ -99,6 +101,9 @@ PROFILES: dict[str, dict[str, Any]] = {
         "description": "Colab T4: 15 GB GPU memory, no bf16 (fp16), 12 GB RAM.",
         "device": "cuda",
         "memory_budget": "15 GB GPU, 12 GB RAM",
+        # medkit.memplan checks every GPU step against this (GiB), and the rehearsal caps the
+        # GPU's memory at it, so a T4's out-of-memory shows on a bigger card
+        "gpu_budget_gib": 15, "gpu_dtype": "float16",
         "stages": {
             "data": {"source": "hf", "augment_factor": 2},
             "sft": {"base_model": "Qwen/Qwen2.5-0.5B-Instruct", "dataset": "course:qa",
@@ -109,27 +114,38 @@ PROFILES: dict[str, dict[str, Any]] = {
                    "batch_size": 16, "seq_len": 512, "lr": 3e-4},
             "dpo": {"base_model": "artifact:sft_model", "dataset": "course:pref_pairs",
                     "max_steps": 300, "batch_size": 4, "grad_accum": 4, "seq_len": 512, "lr": 5e-6,
-                    "beta": 0.1, "loss_type": "sigmoid",
+                    "beta": 0.1, "loss_type": "sigmoid", "gradient_checkpointing": True,
                     "lora": {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": _LORA_QKVO}},
+            # MedMCQA's train split trains (as the Phi-2 system does); its validation split is
+            # halved into validation and test (medkit.data.sources)
             "qlora": {"base_model": "microsoft/phi-2", "dataset": "openlifescienceai/medmcqa",
+                      "train_limit": 6000, "eval_limit": 300,
                       "max_steps": 300, "batch_size": 4, "grad_accum": 4, "seq_len": 512, "lr": 2e-4,
                       "load_in_4bit": True, "gradient_checkpointing": True,
                       "hpo": {"ranks": [16, 32], "lrs": [1e-4, 2e-4], "steps": 30},
                       "lora": {"r": 32, "alpha": 64, "dropout": 0.1,
                                "target_modules": ["q_proj", "k_proj", "v_proj", "dense"]}},
             "cot": {"base_model": "unsloth/DeepSeek-R1-Distill-Llama-8B-unsloth-bnb-4bit",
+                    # FEMOZ's data trains; the course's held-out cases score diagnoses (they name a
+                    # knowledge-base condition, medical-o1's rows do not)
                     "dataset": "FreedomIntelligence/medical-o1-reasoning-SFT", "max_steps": 60,
+                    "train_limit": 1000, "eval_limit": 64, "eval_dataset": "course:cot",
                     "batch_size": 2, "grad_accum": 4, "seq_len": 2048, "lr": 2e-4,
-                    "use_unsloth": True, "warmup_steps": 5, "optim": "adamw_8bit",
+                    "use_unsloth": True, "warmup_steps": 5, "optim": "adamw_8bit", "load_in_4bit": True,
                     "lora": {"r": 16, "alpha": 16, "dropout": 0.0, "target_modules": _LLAMA_ALL}},
             "rag": {"embedder": "BAAI/bge-small-en-v1.5", "reranker": "BAAI/bge-reranker-base",
                     "top_k": 10, "rerank_k": 3, "reranker_max_length": 512, "min_score": 0.3,
                     "scale_sizes": [1000, 10000, 50000], "medquad_limit": 6000,
-                    "pubmedqa_model": "artifact:sft_model"},
+                    "pubmedqa_model": "artifact:sft_model",
+                    # 06's answerer: the DPO model writes answers with [E#] citations from the evidence
+                    "generator": "artifact:dpo_model", "generator_max_new_tokens": 256},
             # 07_agent: the DPO model drafts, refines and summarises; the rule auditor checks every draft
             "agent": {"mode": "llm", "llm_model": "artifact:dpo_model", "max_rounds": 2, "top_k": 5,
                       "memory_token_budget": 768, "keep_recent_turns": 4},
-            "eval": {"bertscore_model": "microsoft/deberta-xlarge-mnli", "n_qa": 400, "n_generate": 200,
+            # the leaderboard holds every model at once: the merged 8B (15 GiB) and Phi-2 (5 GiB)
+            # load in 4-bit to fit the T4's 15 GiB (medkit.memplan)
+            "eval": {"bertscore_model": "microsoft/deberta-xlarge-mnli", "load_in_4bit": ["cot", "qlora"],
+                     "n_qa": 400, "n_generate": 200,
                      "n_mcq": 400, "n_mcq_generate": 200, "n_pubmedqa": 500, "n_bench_generate": 200,
                      "n_latency": 50, "max_new_tokens": 256, "context_words": 400, "rag_k": 3,
                      "n_boot": 1000, "allow_hub": True,
@@ -145,36 +161,46 @@ PROFILES: dict[str, dict[str, Any]] = {
         "description": "One 24 GB+ GPU (L4, A10, RTX 3090/4090, A100): bf16 where supported.",
         "device": "cuda",
         "memory_budget": "24 GB GPU, 32 GB RAM",
+        "gpu_budget_gib": 24, "gpu_dtype": "bfloat16",
         "stages": {
             "data": {"source": "hf", "augment_factor": 2},
+            # batches of 4 × accumulation 4 (16 per step) with checkpointing: at batch 16 × 1024
+            # tokens the loss's logits alone (Qwen's 152k vocabulary) take 23 GiB (medkit.memplan)
             "sft": {"base_model": "Qwen/Qwen2.5-0.5B-Instruct", "dataset": "course:qa",
-                    "max_steps": 1000, "batch_size": 16, "seq_len": 1024, "lr": 2e-4,
+                    "max_steps": 1000, "batch_size": 4, "grad_accum": 4, "seq_len": 1024, "lr": 2e-4,
+                    "gradient_checkpointing": True,
                     "lora": {"r": 64, "alpha": 128, "dropout": 0.05, "target_modules": _LORA_QKVO}},
             "t5": {"base_model": "google/flan-t5-small", "dataset": "course:qa", "max_steps": 1000,
                    "batch_size": 32, "seq_len": 512, "lr": 3e-4},
             "dpo": {"base_model": "artifact:sft_model", "dataset": "course:pref_pairs",
-                    "max_steps": 500, "batch_size": 8, "grad_accum": 2, "seq_len": 1024, "lr": 5e-6,
-                    "beta": 0.1, "loss_type": "sigmoid",
+                    "max_steps": 500, "batch_size": 2, "grad_accum": 8, "seq_len": 1024, "lr": 5e-6,
+                    "beta": 0.1, "loss_type": "sigmoid", "gradient_checkpointing": True,
                     "lora": {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": _LORA_QKVO}},
             "qlora": {"base_model": "microsoft/phi-2", "dataset": "openlifescienceai/medmcqa",
+                      "train_limit": 20000, "eval_limit": 400,
                       "max_steps": 1000, "batch_size": 8, "grad_accum": 2, "seq_len": 512, "lr": 2e-4,
-                      "load_in_4bit": True,
+                      "load_in_4bit": True, "gradient_checkpointing": True,  # eager attention: 27 GiB without
                       "hpo": {"ranks": [16, 32, 64], "lrs": [1e-4, 2e-4], "steps": 50},
                       "lora": {"r": 32, "alpha": 64, "dropout": 0.1,
                                "target_modules": ["q_proj", "k_proj", "v_proj", "dense"]}},
             "cot": {"base_model": "unsloth/DeepSeek-R1-Distill-Llama-8B-unsloth-bnb-4bit",
                     "dataset": "FreedomIntelligence/medical-o1-reasoning-SFT", "max_steps": 200,
+                    "train_limit": 2000, "eval_limit": 64, "eval_dataset": "course:cot",
                     "batch_size": 2, "grad_accum": 4, "seq_len": 2048, "lr": 2e-4,
-                    "use_unsloth": True, "warmup_steps": 5, "optim": "adamw_8bit",
+                    "use_unsloth": True, "warmup_steps": 5, "optim": "adamw_8bit", "load_in_4bit": True,
                     "lora": {"r": 16, "alpha": 16, "dropout": 0.0, "target_modules": _LLAMA_ALL}},
             "rag": {"embedder": "BAAI/bge-m3", "reranker": "BAAI/bge-reranker-v2-m3",
                     "top_k": 10, "rerank_k": 3, "reranker_max_length": 512, "min_score": 0.3,
                     "scale_sizes": [1000, 10000, 50000], "medquad_limit": 6000,
-                    "pubmedqa_model": "artifact:sft_model"},
+                    "pubmedqa_model": "artifact:sft_model",
+                    # 06's answerer: the DPO model writes answers with [E#] citations from the evidence
+                    "generator": "artifact:dpo_model", "generator_max_new_tokens": 256},
             # 07_agent: the DPO model drafts, refines and summarises; the rule auditor checks every draft
             "agent": {"mode": "llm", "llm_model": "artifact:dpo_model", "max_rounds": 2, "top_k": 5,
                       "memory_token_budget": 1024, "keep_recent_turns": 4},
-            "eval": {"bertscore_model": "microsoft/deberta-xlarge-mnli", "n_qa": 400, "n_generate": 200,
+            # the leaderboard holds every model at once: the merged 8B in 16-bit alone is 15 GiB
+            "eval": {"bertscore_model": "microsoft/deberta-xlarge-mnli", "load_in_4bit": ["cot"],
+                     "n_qa": 400, "n_generate": 200,
                      "n_mcq": 400, "n_mcq_generate": 200, "n_pubmedqa": 500, "n_bench_generate": 200,
                      "n_latency": 50, "max_new_tokens": 256, "context_words": 400, "rag_k": 3,
                      "n_boot": 1000, "allow_hub": True,
@@ -207,15 +233,31 @@ def detect_device(requested: str | None = None) -> str:
     return "cpu"
 
 
+def cuda_has_native_bf16() -> bool:
+    """True only where the GPU computes bf16 in hardware (compute capability 8.0+: A100, L4,
+    RTX 30xx/40xx, H100). ``torch.cuda.is_bf16_supported()`` also counts *emulated* bf16 by
+    default, and a T4 (compute capability 7.5) emulates it: slowly, and with fp16's tools
+    (GradScaler, fp32 adapters, vLLM's kernels) never switched on. ROCm GPUs report bf16."""
+    import torch
+
+    if getattr(torch.version, "hip", None):
+        return True
+    if not torch.cuda.is_available():
+        return False
+    major, _ = torch.cuda.get_device_capability()
+    return major >= 8 and torch.cuda.is_bf16_supported(including_emulation=False)
+
+
 def pick_dtype(device: str, prefer_bf16_on_cpu: bool = False) -> str:
-    """bf16 only where the hardware has it, fp16 on older GPUs (a T4 has no bf16), fp32 on CPU.
+    """bf16 only where the hardware has it (not emulated), fp16 on older GPUs (a T4 has no
+    bf16), fp32 on CPU.
 
     Returns the dtype's name ("bfloat16", "float16" or "float32") so it can go into config.json.
     """
     import torch
 
     if device == "cuda":
-        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+        return "bfloat16" if cuda_has_native_bf16() else "float16"
     if device == "mps":
         return "float16"
     return "bfloat16" if prefer_bf16_on_cpu else "float32"

@@ -105,15 +105,28 @@ def build(cells: list[tuple[str, str] | tuple[str, str, list[str]]], path: str |
     return path
 
 
-COLAB_CELL = """# Colab only: install the course package (does nothing anywhere else).
-import importlib.util, os, subprocess, sys
-if "COLAB_RELEASE_TAG" in os.environ and importlib.util.find_spec("medkit") is None:
-    repo = os.environ.get("MEDKIT_REPO")  # set it to your clone's git URL, see README "Colab"
-    if not repo:
-        raise RuntimeError("On Colab set MEDKIT_REPO to the course's git URL first (README: Colab).")
-    subprocess.run(["git", "clone", "-q", repo, "/content/medkit"], check=True)
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-e", "/content/medkit"], check=True)
-    os.chdir("/content/medkit/notebooks")"""
+# Which extras a notebook's Colab cell installs (medkit.colab): 05 needs Unsloth on a GPU, 09
+# llama.cpp (and vLLM on a GPU); the others only the course itself.
+COLAB_EXTRAS = {"05_r1_cot_unsloth": ["gpu"], "09_vllm_serving": ["serve", "vllm"]}
+
+
+def colab_cell(extras: list[str] | tuple[str, ...] = ()) -> str:
+    """The first code cell: on Colab, clone the course once and run ``medkit/colab.py``'s
+    ``setup`` (keeps Colab's torch, installs ``extras``, says when to restart); nothing elsewhere."""
+    return f"""# Colab only: install the course (does nothing anywhere else; safe to run twice).
+import os, runpy, subprocess
+if "COLAB_RELEASE_TAG" in os.environ:
+    home = os.environ.get("MEDKIT_HOME", "/content/medkit")
+    if not os.path.isdir(home):
+        repo = os.environ.get("MEDKIT_REPO")  # your clone's git URL, see README "Colab"
+        if not repo:
+            raise RuntimeError("On Colab set MEDKIT_REPO to the course's git URL first (README: Colab).")
+        subprocess.run(["git", "clone", "-q", repo, home], check=True)
+    runpy.run_path(f"{{home}}/medkit/colab.py")["setup"](home, extras={list(extras)!r})
+    os.chdir(f"{{home}}/notebooks")"""
+
+
+COLAB_CELL = colab_cell()
 
 ENV_CELL = """import medkit
 from medkit import notebook

@@ -46,15 +46,41 @@ def test_seed_hyperparameters_of_the_reproduced_systems():
         assert (c["r"], c["alpha"]) == (16, 16) and len(c["target_modules"]) == 7
 
 
-def test_dtype_by_device(monkeypatch):
+def _fake_gpu(monkeypatch, capability):
+    """A CUDA GPU of this compute capability. torch's is_bf16_supported() counts emulation by
+    default, and a T4 (7.5) emulates bf16: it answers True unless including_emulation=False."""
     import torch
 
+    monkeypatch.setattr(torch.version, "hip", None, raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, **k: capability)
+    native = capability[0] >= 8
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: native or including_emulation)
+
+
+def test_dtype_by_device(monkeypatch):
     assert config.pick_dtype("cpu") == "float32"
     assert config.pick_dtype("cpu", prefer_bf16_on_cpu=True) == "bfloat16"
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)  # a T4
-    assert config.pick_dtype("cuda") == "float16"
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)  # an A100
+    _fake_gpu(monkeypatch, (8, 0))  # an A100
     assert config.pick_dtype("cuda") == "bfloat16"
+
+
+def test_a_t4_that_emulates_bf16_gets_fp16_everywhere(monkeypatch):
+    """Defect 1 of the GPU-profile issue: a T4 reports emulated bf16 as supported."""
+    from medkit.serve import loadtest  # noqa: F401  (the serving notebook reads the same dtype)
+    from medkit.train import common, qlora
+
+    _fake_gpu(monkeypatch, (7, 5))
+    assert config.pick_dtype("cuda") == "float16"
+    cfg = config.resolve("colab-t4", "qlora")
+    assert (cfg["device"], cfg["dtype"]) == ("cuda", "float16")
+    assert qlora.compute_dtype(cfg, "phi") == "float32"  # Phi's fp32 compute path on an fp16 GPU
+    cot = config.resolve("colab-t4", "cot")
+    assert common.precision_flags(cot["dtype"]) == {"bf16": False, "fp16": True}
+    assert config.resolve("colab-t4")["dtype"] == "float16"  # what 09 passes to vLLM as --dtype
+    _fake_gpu(monkeypatch, (8, 9))  # an L4 (gpu-24gb)
+    assert config.resolve("gpu-24gb", "cot")["dtype"] == "bfloat16"
 
 
 def test_gpu_profile_falls_back_to_cpu_here():

@@ -14,8 +14,26 @@ def _req(spec: str) -> tuple[str, str]:
 
 
 def _pyproject() -> dict[str, str]:
+    """Every pin of the course: the dependencies, then the extras (cpu's torch pin, serve, gpu,
+    vllm), which environment.yml installs together on a GPU machine."""
     data = tomllib.loads((REPO / "pyproject.toml").read_text())
-    return dict(_req(s) for s in data["project"]["dependencies"])
+    out = dict(_req(s) for s in data["project"]["dependencies"])
+    for extra, specs in data["project"].get("optional-dependencies", {}).items():
+        if extra != "test":
+            out.update(_req(s) for s in specs)
+    return out
+
+
+def test_colab_keeps_its_torch_and_compiles_nothing_unless_asked():
+    """Colab installs the plain dependencies: no torch pin there (Colab's CUDA torch stays), no
+    llama.cpp (only 09 asks for the serve extra), Unsloth in the gpu extra."""
+    data = tomllib.loads((REPO / "pyproject.toml").read_text())
+    core = dict(_req(s) for s in data["project"]["dependencies"])
+    assert not core["torch"].startswith("=="), core["torch"]
+    assert "llama-cpp-python" not in core and "unsloth" not in core
+    extras = data["project"]["optional-dependencies"]
+    assert any(s.startswith("torch==") for s in extras["cpu"]) and any("unsloth" in s for s in extras["gpu"])
+    assert '".[test,cpu,serve]"' in (REPO / "Makefile").read_text()
 
 
 def _environment() -> dict[str, str]:

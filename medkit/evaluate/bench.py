@@ -302,10 +302,12 @@ class Scorer:
                 "p95_ms": float(np.percentile(arr, 95)), "tokens_per_s": tokens / (arr.sum() / 1000)}
 
 
-def load_scorer(path: str | Path, name: str | None = None, dtype: str = "float32", device: str = "cpu") -> Scorer:
+def load_scorer(path: str | Path, name: str | None = None, dtype: str = "float32", device: str = "cpu",
+                load_in_4bit: bool = False) -> Scorer:
     """A Scorer for any model folder (or hub id on GPU profiles). Raises ``ValueError`` with a
     clear message when the folder is missing, has no tokenizer, or (for a decoder) no chat
-    template."""
+    template. ``load_in_4bit``: NF4 weights for a decoder (the profile's ``eval.load_in_4bit``
+    names them: every model of the leaderboard is resident at once, see ``medkit.memplan``)."""
     from transformers import AutoConfig, AutoTokenizer
 
     p = Path(str(path))
@@ -330,7 +332,7 @@ def load_scorer(path: str | Path, name: str | None = None, dtype: str = "float32
                       notes=["encoder-decoder without a chat template: reads the bare question"])
     from ..train.common import load_causal_lm
 
-    model, tok = load_causal_lm(str(path), dtype, device)
+    model, tok = load_causal_lm(str(path), dtype, device, load_in_4bit=load_in_4bit)
     reasoning = "<think>" in (tok.chat_template or "")
     return Scorer(name, str(path), model, tok, "causal", reasoning)
 

@@ -134,3 +134,38 @@ def answer(question: str, hits: list[tuple[str, float]], texts: dict[str, str], 
     ans = Answer(question, text, evidence, abstained)
     ans.check = check_citations(text, evidence)
     return ans
+
+
+def llm_generator(model, tok, max_new_tokens: int = 256) -> Callable[[list[dict[str, str]]], str]:
+    """``messages -> text`` with a chat model (greedy). A reasoning model's ``<think>`` block is
+    cut off: only the text after it is the answer the citation check reads."""
+    from ..train.common import generate
+
+    reasoning = "<think>" in (tok.chat_template or "")
+
+    def write(msgs: list[dict[str, str]]) -> str:
+        text = generate(model, tok, [msgs], max_new_tokens=max_new_tokens, batch_size=1)[0]["text"]
+        if reasoning:
+            from ..train.cot import parse_reasoning
+
+            text = parse_reasoning(text)["answer"] or text
+        return text.strip()
+
+    return write
+
+
+def load_generator(cfg: dict[str, Any], session=None, max_new_tokens: int | None = None):
+    """The profile's LLM answerer for 06, or ``None`` (the extractive answerer). The rag stage's
+    ``generator`` names the model: ``artifact:<name>`` (a model an earlier notebook trained), a
+    hub id or a folder; ``generator_max_new_tokens`` caps each answer. Loaded on the profile's
+    device and dtype. Any profile with an LLM sets it; the tiny profile has none."""
+    ref = cfg.get("generator")
+    if not ref:
+        return None
+    from .. import config
+    from ..train.common import load_causal_lm, resolve_model_ref
+
+    device = cfg.get("device") or config.detect_device("auto")
+    dtype = cfg.get("dtype") or config.pick_dtype(device)
+    model, tok = load_causal_lm(resolve_model_ref(ref, session), dtype, device)
+    return llm_generator(model, tok, max_new_tokens or cfg.get("generator_max_new_tokens", 256))

@@ -92,11 +92,15 @@ def llamacpp_command(gguf_path: str | Path, port: int, served_model_name: str = 
 
 
 def hf_command(model: str | Path, port: int, mode: str = "naive", served_model_name: str = "medkit",
-               max_batch: int = 32, threads: int | None = None, host: str = "127.0.0.1") -> list[str]:
-    """The course's HF reference server (:mod:`medkit.serve.hf_server`)."""
+               max_batch: int = 32, threads: int | None = None, host: str = "127.0.0.1",
+               device: str = "cpu", dtype: str | None = None) -> list[str]:
+    """The course's HF reference server (:mod:`medkit.serve.hf_server`) on ``device`` (the GPU
+    on GPU profiles, where vLLM runs too) in ``dtype`` (None: the device's)."""
     cmd = [sys.executable, "-m", "medkit.serve.hf_server", "--model", str(model), "--mode", mode,
            "--served-model-name", served_model_name, "--host", host, "--port", str(port),
-           "--max-batch", str(max_batch)]
+           "--max-batch", str(max_batch), "--device", device]
+    if dtype:
+        cmd += ["--dtype", dtype]
     if threads:
         cmd += ["--threads", str(threads)]
     return cmd

@@ -92,10 +92,11 @@ class BatchDecoder:
         n = len(jobs)
         width = max(len(j.prompt_ids) for j in jobs)
         pad = self.tok.pad_token_id
-        ids = torch.full((n, width), pad, dtype=torch.long)
-        mask = torch.zeros((n, width), dtype=torch.long)
+        dev = self.model.device  # the GPU on GPU profiles: inputs go where the weights are
+        ids = torch.full((n, width), pad, dtype=torch.long, device=dev)
+        mask = torch.zeros((n, width), dtype=torch.long, device=dev)
         for i, j in enumerate(jobs):  # left padding: every row's next token sits at the end
-            ids[i, width - len(j.prompt_ids):] = torch.tensor(j.prompt_ids)
+            ids[i, width - len(j.prompt_ids):] = torch.tensor(j.prompt_ids, device=dev)
             mask[i, width - len(j.prompt_ids):] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         done = [False] * n
@@ -133,8 +134,8 @@ class BatchDecoder:
                         j.loop.call_soon_threadsafe(j.out.put_nowait, None)
                 if all(done):
                     break
-                ids = torch.tensor(next_ids, dtype=torch.long).unsqueeze(1)
-                mask = torch.cat([mask, torch.ones((n, 1), dtype=torch.long)], dim=1)
+                ids = torch.tensor(next_ids, dtype=torch.long, device=dev).unsqueeze(1)
+                mask = torch.cat([mask, torch.ones((n, 1), dtype=torch.long, device=dev)], dim=1)
                 positions = positions[:, -1:] + 1
         for i, j in enumerate(jobs):
             if not done[i]:
@@ -142,14 +143,16 @@ class BatchDecoder:
 
 
 def create_app(model_dir: str, mode: str = "naive", served_model_name: str = "medkit",
-               max_batch: int = 32, max_tokens_cap: int = 512):
-    """The FastAPI app: ``GET /v1/models``, ``POST /v1/chat/completions`` (``stream`` too)."""
+               max_batch: int = 32, max_tokens_cap: int = 512, device: str = "cpu", dtype: str = "float32"):
+    """The FastAPI app: ``GET /v1/models``, ``POST /v1/chat/completions`` (``stream`` too). The
+    model loads on ``device`` in ``dtype``: the GPU on GPU profiles, so HF and vLLM are compared
+    on the same hardware."""
     from fastapi import FastAPI, HTTPException
     from fastapi.responses import JSONResponse, StreamingResponse
 
     from ..train.common import load_causal_lm
 
-    model, tok = load_causal_lm(model_dir)
+    model, tok = load_causal_lm(model_dir, dtype, device)
     model.eval()
     decoder = BatchDecoder(model, tok, mode=mode, max_batch=max_batch)
     app = FastAPI(title=f"medkit HF server ({mode})")
@@ -236,6 +239,16 @@ def create_app(model_dir: str, mode: str = "naive", served_model_name: str = "me
     return app
 
 
+def resolve_device(profile: str | None, device: str | None, dtype: str | None) -> tuple[str, str]:
+    """The server's device and dtype: explicit flags first, then the profile's (its device where
+    it exists here, and that device's dtype), else the CPU in fp32."""
+    from .. import config
+
+    if device is None:
+        device = config.resolve(profile)["device"] if profile else "cpu"
+    return device, dtype or config.pick_dtype(device)
+
+
 def main(argv: list[str] | None = None) -> None:
     import uvicorn
 
@@ -247,11 +260,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--port", type=int, default=8101)
     ap.add_argument("--max-batch", type=int, default=32)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--profile", default=None, help="take the device and dtype from this profile")
+    ap.add_argument("--device", default=None, help="cpu or cuda (default: the profile's, else cpu)")
+    ap.add_argument("--dtype", default=None, help="float32, float16 or bfloat16 (default: the device's)")
     args = ap.parse_args(argv)
+    device, dtype = resolve_device(args.profile, args.device, args.dtype)
     if args.threads:
         import torch
         torch.set_num_threads(args.threads)
-    app = create_app(args.model, args.mode, args.served_model_name, args.max_batch)
+    app = create_app(args.model, args.mode, args.served_model_name, args.max_batch, device=device, dtype=dtype)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=10)
 
 

@@ -185,9 +185,11 @@ def compare(engines: dict[str, Any], concurrencies: list[int], max_tokens: int =
 
 def four_backends(model_dir: str | Path, gguf_path: str | Path, log_dir: str | Path, max_model_len: int = 256,
                   dtype: str = "float32", kv_cache_gib: int = 1, max_batch: int = 64,
-                  tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1) -> dict[str, Any]:
+                  tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1,
+                  device: str = "cpu") -> dict[str, Any]:
     """The benchmark's engines, not started: (a) HF naive, (b) HF static batching, (c) llama.cpp
-    on the GGUF, (d) vLLM. Each gets a free loopback port and a log under ``log_dir``.
+    on the GGUF, (d) vLLM. Each gets a free loopback port and a log under ``log_dir``. The HF
+    servers run on ``device`` in ``dtype``, as vLLM does (the GPU on GPU profiles).
 
     Threads: vLLM for CPU binds its model to ``cpu_count - 1`` cores and keeps one for its API
     process; the others get the same number of compute threads, so all four do the model's
@@ -199,10 +201,11 @@ def four_backends(model_dir: str | Path, gguf_path: str | Path, log_dir: str | P
     kv_env = e.vllm_env(kv_cache_gib) if kv_cache_gib else {}
     threads = max(1, (os.cpu_count() or 2) - 1)
     return {
-        "hf_naive": e.EngineServer(e.hf_command(model_dir, ports["hf_naive"], "naive", threads=threads),
+        "hf_naive": e.EngineServer(e.hf_command(model_dir, ports["hf_naive"], "naive", threads=threads,
+                                                device=device, dtype=dtype),
                                    ports["hf_naive"], "hf_naive", log_dir / "hf_naive.log"),
         "hf_batch": e.EngineServer(e.hf_command(model_dir, ports["hf_batch"], "batch", max_batch=max_batch,
-                                                threads=threads),
+                                                threads=threads, device=device, dtype=dtype),
                                    ports["hf_batch"], "hf_batch", log_dir / "hf_batch.log"),
         "llamacpp": e.EngineServer(e.llamacpp_command(gguf_path, ports["llamacpp"], n_ctx=max_model_len * 2,
                                                      threads=threads),

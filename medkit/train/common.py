@@ -44,8 +44,12 @@ def fp32_adapters_for_fp16(trainer, dtype: str):
     return trainer
 
 
-def load_causal_lm(path: str, dtype: str = "float32", device: str = "cpu"):
-    """(model, tokenizer) with a pad token and a chat template, or a clear error naming the model."""
+def load_causal_lm(path: str, dtype: str = "float32", device: str = "cpu", load_in_4bit: bool = False):
+    """(model, tokenizer) with a pad token and a chat template, or a clear error naming the model.
+
+    ``load_in_4bit``: NF4 weights (bitsandbytes) computing in ``dtype``, for a model whose 16-bit
+    weights do not fit beside the others (``medkit.memplan``): 05's merged 8B on a T4, 08's
+    leaderboard."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(path)
@@ -54,9 +58,30 @@ def load_causal_lm(path: str, dtype: str = "float32", device: str = "cpu"):
                          f"with the model's own template. Use an instruct/chat model or set tokenizer.chat_template.")
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
+    if load_in_4bit:
+        from .qlora import bnb_config
+
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=torch_dtype(dtype), quantization_config=bnb_config(dtype),
+            device_map={"": 0} if device == "cuda" else {"": device})
+        return model, tok
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype))
     model.to(device)
     return model, tok
+
+
+def free_memory() -> int:
+    """Collect garbage and return cached GPU blocks to the driver, after the caller dropped its
+    references (``del model, trainer``). Returns the bytes still allocated on the GPU (0 on CPU)."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        return int(torch.cuda.memory_allocated())
+    return 0
 
 
 def messages(question: str, system: str = SYSTEM_PROMPT) -> list[dict[str, str]]:
@@ -109,6 +134,43 @@ def template_ok(result: dict[str, Any]) -> bool:
         marker in raw for marker in ("<|im_start|>", "<｜User｜>", "Instruct:", "<|endoftext|>"))
 
 
+_PROBE = "\u2063medkit-probe\u2063"  # text no template rewrites, to find the end-of-turn suffix
+
+
+def render_completion(tok, prompt: list[dict[str, str]], completion: str) -> tuple[str, str]:
+    """``(prompt_text, completion_text)``: the prompt exactly as at inference (with the
+    generation prompt) and the assistant turn that follows it, end-of-turn text included.
+
+    Most templates render prompt + completion as the prompt followed by the turn. Some rewrite
+    an assistant turn: DeepSeek-R1-Distill's keeps only the text after ``</think>``, and its
+    generation prompt already opens ``<think>\n``. Rendering the whole conversation then drops the
+    reasoning and no longer starts with the prompt, so the completion is built instead from the
+    generation prompt: the completion text (less what the generation prompt already opened),
+    then the template's own end-of-turn suffix."""
+    head = tok.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    full = tok.apply_chat_template(prompt + [{"role": "assistant", "content": completion}], tokenize=False)
+    if full.startswith(head) and completion.strip() in full[len(head):]:
+        return head, full[len(head):]
+    probe = tok.apply_chat_template(prompt + [{"role": "assistant", "content": _PROBE}], tokenize=False)
+    suffix = probe[probe.rindex(_PROBE) + len(_PROBE):]
+    plain = tok.apply_chat_template(prompt, tokenize=False, add_generation_prompt=False)
+    opened = head[len(plain):] if head.startswith(plain) else head
+    body = completion
+    for k in range(min(len(opened), len(body)), 0, -1):  # e.g. R1's "<think>\n"
+        if opened.endswith(body[:k]):
+            body = body[k:]
+            break
+    return head, body + suffix
+
+
+def tokenize_completion(tok, prompt: list[dict[str, str]], completion: str) -> tuple[list[int], int]:
+    """Token ids of prompt + completion (rendered by :func:`render_completion`, each part
+    tokenized on its own, as generation sees the prompt) and the prompt's length."""
+    head, body = render_completion(tok, prompt, completion)
+    h = tok(head, add_special_tokens=False)["input_ids"]
+    return h + tok(body, add_special_tokens=False)["input_ids"], len(h)
+
+
 def encode_completions(tok, prompts: list[list[dict[str, str]]], completions: list[str], device="cpu"):
     """Chat-format each (prompt, completion) pair and pad them into one batch. Returns
     ``(input_ids, attention_mask, labels)`` where ``labels`` is -100 on the prompt and padding,
@@ -117,12 +179,9 @@ def encode_completions(tok, prompts: list[list[dict[str, str]]], completions: li
 
     ids, labels = [], []
     for p, c in zip(prompts, completions):
-        head = tok(tok.apply_chat_template(p, tokenize=False, add_generation_prompt=True),
-                   add_special_tokens=False)["input_ids"]
-        full = tok(tok.apply_chat_template(p + [{"role": "assistant", "content": c}], tokenize=False),
-                   add_special_tokens=False)["input_ids"]
+        full, n_prompt = tokenize_completion(tok, p, c)
         ids.append(full)
-        labels.append([-100] * len(head) + full[len(head):])
+        labels.append([-100] * n_prompt + full[n_prompt:])
     width = max(map(len, ids))
     x = torch.tensor([r + [tok.pad_token_id] * (width - len(r)) for r in ids], device=device)
     attn = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in ids], device=device)

@@ -205,12 +205,16 @@ def load_for_training(base_path: str, cfg: dict[str, Any]):
             target_modules=list(lora["target_modules"]), bias="none",
             use_gradient_checkpointing="unsloth", random_state=cfg.get("seed", 0))
         return model, tok, "unsloth"
-    from peft import get_peft_model
+    from peft import get_peft_model, prepare_model_for_kbit_training
 
     from .common import load_causal_lm
     from .sft import lora_config
 
-    model, tok = load_causal_lm(base_path, cfg["dtype"], cfg["device"])
+    quantized = bool(cfg.get("load_in_4bit")) and cfg["device"] == "cuda"
+    # 4-bit without Unsloth too: the 8B in 16-bit (15 GiB) does not fit a T4 (medkit.memplan)
+    model, tok = load_causal_lm(base_path, cfg["dtype"], cfg["device"], load_in_4bit=quantized)
+    if quantized:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
     extra = {}
     if cfg.get("train_tokens"):
         # a base that never saw these tokens has random embedding rows for them; train just
@@ -222,12 +226,21 @@ def load_for_training(base_path: str, cfg: dict[str, Any]):
     return get_peft_model(model, lora_config(lora, **extra)), tok, "transformers"
 
 
-def to_dataset(rows: list[dict[str, Any]]):
+def to_dataset(rows: list[dict[str, Any]], tok):
+    """Tokenized training examples (``input_ids``, ``completion_mask``): the prompt as at
+    inference, then the whole target, reasoning included. Rendered by
+    ``common.render_completion``, because R1-Distill's own template drops everything up to
+    ``</think>`` from an assistant turn: a conversational dataset would train on the answer
+    without its reasoning."""
     from datasets import Dataset
 
-    return Dataset.from_list([{"prompt": build_prompt(r["Question"]),
-                               "completion": [{"role": "assistant", "content": training_target(r)}]}
-                              for r in rows])
+    from .common import tokenize_completion
+
+    out = []
+    for r in rows:
+        ids, n_prompt = tokenize_completion(tok, build_prompt(r["Question"]), training_target(r))
+        out.append({"input_ids": ids, "completion_mask": [0] * n_prompt + [1] * (len(ids) - n_prompt)})
+    return Dataset.from_list(out)
 
 
 def make_trainer(model, tok, train_rows, eval_rows, cfg: dict[str, Any], out_dir, **extra: Any):
@@ -247,8 +260,8 @@ def make_trainer(model, tok, train_rows, eval_rows, cfg: dict[str, Any], out_dir
                 **precision_flags(cfg["dtype"]))
     args.update(extra)
     trainer_class = _model_loss_trainer_class() if cfg.get("train_tokens") else SFTTrainer
-    trainer = trainer_class(model=model, args=SFTConfig(**args), train_dataset=to_dataset(train_rows),
-                            eval_dataset=to_dataset(eval_rows) if eval_rows else None, processing_class=tok)
+    trainer = trainer_class(model=model, args=SFTConfig(**args), train_dataset=to_dataset(train_rows, tok),
+                            eval_dataset=to_dataset(eval_rows, tok) if eval_rows else None, processing_class=tok)
     return fp32_adapters_for_fp16(trainer, cfg["dtype"])
 
 
@@ -289,3 +302,30 @@ def export_merged(model, tok, folder, path: str, cfg: dict[str, Any]) -> Path:
         tok.save_pretrained(folder)
     (folder / "medkit_config.json").write_text(json.dumps(cfg, indent=2, default=str) + "\n")
     return folder
+
+
+def reload_choice(cfg: dict[str, Any], resident_bytes: float = 0.0) -> str:
+    """How 05 reloads its merged model: ``"full"`` on the CPU (the profile's dtype); on a GPU
+    ``"16-bit"`` where the merged model fits the profile's budget beside ``resident_bytes``, else
+    ``"4-bit"`` (the merged 8B is 15 GiB in 16-bit: more than a T4 holds)."""
+    if cfg["device"] != "cuda":
+        return "full"
+    from .. import memplan
+
+    return memplan.reload_precision(cfg["profile"], cfg["base_model"], resident_bytes)
+
+
+def reload_merged(folder, cfg: dict[str, Any]):
+    """``(model, tokenizer, precision)``: the exported merged model, loaded back as the later
+    notebooks load it, in 4-bit where 16-bit would not fit. Free the training model first
+    (``del model, trainer; common.free_memory()``): it is still on the GPU otherwise."""
+    from .common import load_causal_lm
+
+    resident = 0
+    if cfg["device"] == "cuda":
+        import torch
+
+        resident = torch.cuda.memory_allocated()
+    how = reload_choice(cfg, resident)
+    model, tok = load_causal_lm(str(folder), cfg["dtype"], cfg["device"], load_in_4bit=how == "4-bit")
+    return model, tok, how

@@ -47,6 +47,7 @@ def make_trainer(model, tok, train_rows, eval_rows, cfg: dict[str, Any], out_dir
                 logging_steps=max(1, steps // 30), eval_strategy="steps", eval_steps=max(10, steps // 2),
                 save_strategy="no", beta=cfg["beta"], loss_type=[cfg["loss_type"]], max_length=cfg["seq_len"],
                 report_to="none", seed=cfg.get("seed", 0), use_cpu=cfg["device"] == "cpu",
+                gradient_checkpointing=cfg.get("gradient_checkpointing", False),
                 dataloader_num_workers=0, **precision_flags(cfg["dtype"]))
     args.update(extra)
     return DPOTrainer(model=model, args=DPOConfig(**args), train_dataset=to_dataset(train_rows),

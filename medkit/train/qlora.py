@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .common import fp32_adapters_for_fp16, torch_dtype
+from .common import fp32_adapters_for_fp16, free_memory, torch_dtype
 
 
 def compute_dtype(cfg: dict[str, Any], model_type: str = "") -> str:
@@ -104,6 +104,9 @@ def add_lora(model, lora: dict[str, Any], quantized: bool, gradient_checkpointin
 
     if quantized:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    elif gradient_checkpointing:  # the full-precision comparison runs with the same setting
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
     return get_peft_model(model, lora_config(lora))
 
 
@@ -288,6 +291,8 @@ def grid_search(path: str, train_rows, eval_rows, cfg: dict[str, Any], out_dir) 
             ev = trainer.evaluate()
             trials.append({"r": r, "alpha": 2 * r, "lr": lr, "steps": steps, "train_loss": out.training_loss,
                            "eval_loss": ev["eval_loss"], "seconds": time.perf_counter() - t0})
+            del model, peft_model, trainer  # one trial's model at a time on the GPU (medkit.memplan)
+            free_memory()
     return sorted(trials, key=lambda t: t["eval_loss"])
 
 
