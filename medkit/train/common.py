@@ -11,8 +11,13 @@ SYSTEM_PROMPT = "You are a careful medical information assistant. Answer briefly
 
 
 def resolve_model_ref(ref: str, session=None) -> str:
-    """``tiny:<family>`` → the cached tiny base from 01_data; ``artifact:<name>`` → that
-    artifact; anything else is a hub id or a local folder."""
+    """``tiny:<family>`` → the cached tiny base from 01_data; ``smol:<name>`` → the shipped
+    model converted by ``medkit.smol`` (01_data converts it; the cache makes this a lookup);
+    ``artifact:<name>`` → that artifact; anything else is a hub id or a local folder."""
+    if ref.startswith("smol:"):
+        from .. import smol
+
+        return str(smol.ensure(ref.split(":", 1)[1]).path)
     if ref.startswith("tiny:"):
         if session is None:
             raise ValueError(f"{ref}: a session is needed to find the tiny base built by 01_data")
@@ -121,6 +126,12 @@ def encode_completions(tok, prompts: list[list[dict[str, str]]], completions: li
                    add_special_tokens=False)["input_ids"]
         full = tok(tok.apply_chat_template(p + [{"role": "assistant", "content": c}], tokenize=False),
                    add_special_tokens=False)["input_ids"]
+        if full[: len(head)] != head:
+            # the template renders the prompt differently once an answer follows, or the answer's
+            # first token merges with the prompt's last: the labels would score the wrong tokens
+            raise ValueError(f"chat template: the tokenized prompt is not a prefix of prompt + completion "
+                             f"(prompt ends {tok.decode(head[-8:])!r}, full has {tok.decode(full[len(head) - 8: len(head)])!r}); "
+                             f"end the generation prompt on a token boundary the completion cannot merge with")
         ids.append(full)
         labels.append([-100] * len(head) + full[len(head):])
     width = max(map(len, ids))
