@@ -195,6 +195,25 @@ def quantisation_cost(state: dict[str, Any], tensor_types: dict[str, str]) -> di
             "q4_1_blocks_with_at_most_16_levels": round(small / blocks, 4)}
 
 
+def names_in(cfg: dict[str, Any]) -> list[str]:
+    """The shipped models a resolved profile refers to (``smol:<name>`` anywhere in its stages),
+    so 01_data converts exactly what the profile uses; none on the other profiles."""
+    found: set[str] = set()
+
+    def walk(v: Any) -> None:
+        if isinstance(v, dict):
+            for x in v.values():
+                walk(x)
+        elif isinstance(v, (list, tuple)):
+            for x in v:
+                walk(x)
+        elif isinstance(v, str) and v.startswith("smol:"):
+            found.add(v.split(":", 1)[1])
+
+    walk(cfg.get("stages", cfg))
+    return sorted(found)
+
+
 @dataclass
 class SmolModel:
     name: str

@@ -173,8 +173,9 @@ def test_prompt_tokens_are_a_prefix_and_sft_labels_end_with_the_turn_end(convert
     assert (ends >= 1).all()  # padded with <|im_end|> ids, but the padding is not scored
     # a template that renders the prompt differently once an answer follows is refused
     tok2 = type(tok).from_pretrained(converted.path)
-    tok2.chat_template = tok.chat_template.replace("'<|im_start|>' + message['role'] + '\\n'",
-                                                   "'<|im_start|>' + message['role'] + ':\\n'")
+    tok2.chat_template = tok.chat_template.replace("'<|im_start|>' + message['role'] + '\n'",
+                                                   "'<|im_start|>' + message['role'] + ':\n'")
+    assert tok2.chat_template != tok.chat_template
     with pytest.raises(ValueError, match="not a prefix"):
         common.encode_completions(tok2, prompts[:1], [qa[0]["answer"]])
     del trainer
