@@ -8,7 +8,7 @@ absent; `make setup` installs it, so in CI they run."""
 import importlib.util
 import json
 import os
-import shutil
+import subprocess
 import time
 
 import pytest
@@ -237,8 +237,8 @@ def test_vllm_for_cpu_serves_the_real_weights(converted, tmp_path):
     from medkit.serve import engines
 
     py = engines.vllm_python()
-    if not os.path.exists(py) or shutil.which(py) is None or "venv-serve" not in py:
-        pytest.skip(".venv-serve (vLLM for CPU) is absent: make setup builds it")
+    if not os.path.exists(py) or subprocess.run([py, "-c", "import vllm"], capture_output=True).returncode:
+        pytest.skip(f"{py} cannot import vllm: make setup builds .venv-serve (vLLM for CPU)")
     port = engines.free_port()
     cmd = engines.vllm_command(converted.path, port, max_model_len=256, dtype="float32", max_num_seqs=4)
     with engines.EngineServer(cmd, port, name="vllm-smol", log_path=tmp_path / "vllm.log",
