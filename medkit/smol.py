@@ -337,8 +337,8 @@ def _write_card(s: Shipped, folder: Path, build: dict[str, Any]) -> Path:
         f"cannot bring back what the rounding removed.",
         f"- Measured on these weights: the rounding step implies noise of about "
         f"{100 * build.get('q4_1_relative_rounding_noise', float('nan')):.1f}% of the weights' RMS in "
-        f"the Q4_1 matrices; {100 * build.get('q4_1_blocks_with_at_most_16_levels', float('nan')):.1f}% of "
-        f"their 32-weight blocks hold at most 16 distinct values.",
+        f"the Q4_1 matrices; in a sample of their 32-weight blocks, "
+        f"{100 * build.get('q4_1_blocks_with_at_most_16_levels', float('nan')):.1f}% hold at most 16 distinct values.",
         f"- Size: {s.size / 1e6:.0f} MB as GGUF, {mb:.0f} MB as fp32 ({mb * 1e6 / s.size:.1f}x); conversion "
         f"took {build['seconds_total']:.0f} s here (tokenizer {build['seconds_tokenizer']:.0f} s, "
         f"dequantise {build['seconds_dequantise']:.0f} s, save {build['seconds_save']:.0f} s).",
