@@ -249,3 +249,15 @@ def test_vllm_for_cpu_serves_the_real_weights(converted, tmp_path):
             "messages": common.messages("Name two symptoms of asthma.")}).json()
     text = reply["choices"][0]["message"]["content"]
     assert len(text.split()) >= 3 and "<|im_end|>" not in text, reply
+
+
+def test_gguf_export_names_smollm2s_digit_split_for_llama_cpp():
+    from medkit.serve import gguf_export
+
+    smollm = {"type": "Sequence", "pretokenizers": [
+        {"type": "Digits", "individual_digits": True},
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}]}
+    assert gguf_export.pre_tokenizer_name({"pre_tokenizer": smollm}) == "smollm"
+    smollm["pretokenizers"][0]["individual_digits"] = False  # digits kept in runs: not SmolLM2's
+    with pytest.raises(ValueError, match="SmolLM2"):
+        gguf_export.pre_tokenizer_name({"pre_tokenizer": smollm})
