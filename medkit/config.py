@@ -198,10 +198,11 @@ def _smol_profile() -> dict[str, Any]:
     once by ``medkit.smol``) as the base of every decoder stage, on the same 2-core CPU. What is not
     listed here is the ``tiny`` profile's (T5 stays tiny: no real T5 is available offline).
 
-    Budgets come from one probe on 2 shared cores (README, "The smol profile"): a LoRA step on
-    every linear layer at batch 8 x ~80 tokens (the course's QA pairs) takes a few seconds, so SFT
-    gets 60 steps (~2 passes over 240 examples); sequence lengths cover the course's examples, not
-    the model's 8k context."""
+    The budgets are provisional (docs/notes/smol.md): the issue's probe measured a LoRA step on
+    every linear layer at 8.1 s for batch 4 x 128 tokens with one other job running; this branch
+    measured 83-109 s at batch 8 x 82 tokens with the 2 cores at load 12, which says nothing about
+    a quiet machine. Sequence lengths cover the course's examples (answers ~24 words), not the
+    model's 8k context. Re-measure on a quiet machine and set them before running the course."""
     p = copy.deepcopy(PROFILES["tiny"])
     smol = "smol:smollm2-135m"
     p["description"] = ("CPU, no downloads: the real SmolLM2-135M-Instruct (Apache-2.0, from the PyPI wheel "
