@@ -352,17 +352,65 @@ def _write_card(s: Shipped, folder: Path, build: dict[str, Any]) -> Path:
     return path
 
 
+def bench(name: str = "smollm2-135m", steps: int = 3, batch: int = 8, new_tokens: int = 32) -> list[str]:
+    """Print and return timing lines for the converted model on the course's QA pairs: LoRA steps
+    (r16, AdamW) on every linear layer and on q/k/v/o only, then greedy generation at batch 1 and
+    ``batch``. A benchmark that prints figures; nothing asserts them."""
+    import torch
+    from peft import get_peft_model
+
+    from . import config, kb
+    from .data import generate as gen
+    from .train import common, sft
+
+    path = str(ensure(name).path)
+    qa = gen.qa_pairs(kb.load())[:batch]
+    prompts = [common.messages(r["question"]) for r in qa]
+    lines = [f"{name}: torch threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f}"]
+    print(lines[0], flush=True)
+    for label, targets in (("every linear layer", config._LLAMA_ALL), ("q/k/v/o", config._LORA_QKVO)):
+        model, tok = common.load_causal_lm(path)
+        model = get_peft_model(model, sft.lora_config({"r": 16, "alpha": 32, "dropout": 0.0,
+                                                       "target_modules": targets}))
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+        x, attn, y = common.encode_completions(tok, prompts, [r["answer"] for r in qa])
+        model.train()
+        times = []
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            model(input_ids=x, attention_mask=attn, labels=y).loss.backward()
+            opt.step()
+            opt.zero_grad()
+            times.append(time.perf_counter() - t0)
+        lines.append(f"LoRA r16 on {label}, batch {batch} x {x.shape[1]} tokens: "
+                     f"{', '.join(f'{t:.1f}' for t in times)} s/step")
+        print(lines[-1], flush=True)
+    model, tok = common.load_causal_lm(path)
+    for bs in (1, batch):
+        t0 = time.perf_counter()
+        out = common.generate(model, tok, prompts[:bs], max_new_tokens=new_tokens, batch_size=bs)
+        dt = time.perf_counter() - t0
+        n = sum(len(tok(o["raw"], add_special_tokens=False)["input_ids"]) for o in out)
+        lines.append(f"greedy generation, batch {bs}: {n} new tokens in {dt:.1f} s = {n / dt:.1f} tokens/s")
+        print(lines[-1], flush=True)
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
-    """``python -m medkit.smol verify|convert [name]``: check the shipped file, or convert it
-    into the cache (prints the folder and the time taken)."""
+    """``python -m medkit.smol verify|convert|bench [name]``: check the shipped file, convert it
+    into the cache (prints the folder and the time taken), or time LoRA steps and generation."""
     import argparse
 
     parser = argparse.ArgumentParser(prog="python -m medkit.smol", description=main.__doc__)
-    parser.add_argument("command", choices=["verify", "convert"])
+    parser.add_argument("command", choices=["verify", "convert", "bench"])
     parser.add_argument("name", nargs="?", default="smollm2-135m")
+    parser.add_argument("--steps", type=int, default=3, help="bench: LoRA steps per layout")
+    parser.add_argument("--new-tokens", type=int, default=32, help="bench: tokens generated per prompt")
     args = parser.parse_args(argv)
     try:
-        if args.command == "verify":
+        if args.command == "bench":
+            bench(args.name, steps=args.steps, new_tokens=args.new_tokens)
+        elif args.command == "verify":
             print(f"{args.name}: {verify(args.name)} (size and SHA-256 as recorded)")
         else:
             t0 = time.perf_counter()
