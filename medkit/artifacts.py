@@ -18,6 +18,7 @@ PRODUCERS = {
     "tiny_phi": "01_data",
     "tiny_llama": "01_data",
     "tiny_t5": "01_data",
+    "smol_smollm2-135m": "01_data",  # medkit.smol's converted SmolLM2 (profiles that name smol:smollm2-135m)
     "sft_model": "02_sft",
     "sft_adapter": "02_sft",
     "t5_model": "02_sft",

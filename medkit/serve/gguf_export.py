@@ -3,8 +3,8 @@
 llama.cpp's own converter recognises BPE pre-tokenizers by hashing known models' outputs, so it
 refuses the tokenizer trained here. This writer uses the ``gguf`` package's ``GGUFWriter``
 directly and states the tokenizer as byte-level BPE (``tokenizer.ggml.model = "gpt2"``) with the
-pre-tokenizer split read from ``tokenizer.json`` (``gpt-2`` or ``qwen2``: they cut digits
-differently). ``parity`` then checks that llama.cpp tokenizes like transformers and computes the
+pre-tokenizer split read from ``tokenizer.json`` (``gpt-2``, ``qwen2`` or ``smollm``: they cut
+digits differently). ``parity`` then checks that llama.cpp tokenizes like transformers and computes the
 same next-token logits: exactly for f32, within a stated rounding tolerance for f16 and q8_0.
 
     path = export(model_dir, out_dir / "model-f16.gguf", "f16")
@@ -38,17 +38,23 @@ QWEN2_SPLIT = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^
 
 def pre_tokenizer_name(spec: dict[str, Any]) -> str:
     """llama.cpp's name for the pre-tokenizer in a ``tokenizer.json``: ``gpt-2`` for plain
-    byte-level BPE (GPT-2's split), ``qwen2`` for Qwen2's split + byte level. The split decides
+    byte-level BPE (GPT-2's split), ``qwen2`` for Qwen2's split + byte level, ``smollm`` for
+    SmolLM2's (digits one by one, then GPT-2's split). The split decides
     how digits and contractions become tokens, so a wrong name changes the token ids."""
     pre = spec.get("pre_tokenizer") or {}
     if pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
         return "gpt-2"
     parts = pre.get("pretokenizers") or []
+    # SmolLM2's: every digit isolated, then GPT-2's byte-level split (llama.cpp's "smollm")
+    if (pre.get("type") == "Sequence" and len(parts) == 2 and parts[0].get("type") == "Digits"
+            and parts[0].get("individual_digits") and parts[1].get("type") == "ByteLevel"
+            and parts[1].get("use_regex", True)):
+        return "smollm"
     if (pre.get("type") == "Sequence" and len(parts) == 2 and parts[0].get("type") == "Split"
             and (parts[0].get("pattern") or {}).get("Regex") == QWEN2_SPLIT
             and parts[1].get("type") == "ByteLevel" and not parts[1].get("use_regex", True)):
         return "qwen2"
-    raise ValueError(f"pre-tokenizer {json.dumps(pre)[:200]} is neither GPT-2's nor Qwen2's byte-level split; "
+    raise ValueError(f"pre-tokenizer {json.dumps(pre)[:200]} is not GPT-2's, Qwen2's or SmolLM2's byte-level split; "
                      f"for other hub models use llama.cpp's convert_hf_to_gguf.py")
 
 

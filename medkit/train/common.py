@@ -11,8 +11,13 @@ SYSTEM_PROMPT = "You are a careful medical information assistant. Answer briefly
 
 
 def resolve_model_ref(ref: str, session=None) -> str:
-    """``tiny:<family>`` → the cached tiny base from 01_data; ``artifact:<name>`` → that
-    artifact; anything else is a hub id or a local folder."""
+    """``tiny:<family>`` → the cached tiny base from 01_data; ``smol:<name>`` → the shipped
+    model converted by ``medkit.smol`` (01_data converts it; the cache makes this a lookup);
+    ``artifact:<name>`` → that artifact; anything else is a hub id or a local folder."""
+    if ref.startswith("smol:"):
+        from .. import smol
+
+        return str(smol.ensure(ref.split(":", 1)[1]).path)
     if ref.startswith("tiny:"):
         if session is None:
             raise ValueError(f"{ref}: a session is needed to find the tiny base built by 01_data")
