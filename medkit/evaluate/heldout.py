@@ -66,3 +66,42 @@ def record_keys(prefix: str, stage: str, split: dict[str, dict[str, Any]],
             if src in split[group]:
                 out[f"{prefix}.{name}_{stage}_{group}"] = split[group][src]
     return out
+
+
+def split_result(result: dict[str, Any], seen: list[bool], references: list[str]) -> dict[str, dict[str, Any]]:
+    """A ``leaderboard.score_qa`` result (its per-item ``items`` and ``replies``) split into the
+    seen and unseen groups without running the model again: count, loss, perplexity, token
+    accuracy and, on the generated items, ROUGE-L. A result without ``items`` (the extractive
+    answerer, ``texts`` only) gets ROUGE-L alone."""
+    items = result.get("items")
+    texts = [g["text"] for g in result["replies"]] if "replies" in result else result.get("texts")
+    out = {}
+    for group in GROUPS:
+        idx = [i for i, s in enumerate(seen) if s == (group == "seen")]
+        row: dict[str, Any] = {"n": len(idx)}
+        if items and idx:
+            tokens = sum(items["tokens"][i] for i in idx)
+            loss = -sum(items["logp"][i] for i in idx) / max(tokens, 1)
+            row.update(loss=loss, perplexity=metrics.perplexity(loss),
+                       token_accuracy=sum(items["right"][i] for i in idx) / max(tokens, 1))
+        if texts is not None:
+            gen = [i for i in idx if i < len(texts)]
+            row["n_gen"] = len(gen)
+            if gen:
+                row["rougeL"] = metrics.rouge_l([texts[i] for i in gen], [references[i] for i in gen])
+        out[group] = row
+    return out
+
+
+def models_table(results: dict[str, dict[str, Any]], seen: list[bool], references: list[str]):
+    """One row per model: for the seen and the unseen held-out items, the count, perplexity,
+    token accuracy and ROUGE-L (``split_result`` of each model's QA result)."""
+    import pandas as pd
+
+    rows = {}
+    for name, res in results.items():
+        split = split_result(res, seen, references)
+        rows[name] = {(g, k): split[g].get(k) for g in GROUPS for k in ("n", "perplexity", "token_accuracy", "n_gen", "rougeL")}
+    df = pd.DataFrame.from_dict(rows, orient="index")
+    df.columns = pd.MultiIndex.from_tuples(df.columns, names=["held-out items", "metric"])
+    return df
