@@ -114,3 +114,54 @@ def test_seen_unseen_models_table_has_counts():
     t = heldout.models_table(qa, [True, False, True, False], ["a b", "c d", "e f", "g h"])
     assert t.loc["sft", ("seen", "n")] == 2 and t.loc["sft", ("unseen", "n_gen")] == 1
     assert t.loc["dpo", ("unseen", "n_gen")] == 0
+
+
+# ---------------------------------------------------------------- with a real (throwaway) tiny model
+
+@pytest.fixture(scope="module")
+def tiny_qwen(tmp_path_factory, kbase):
+    from conftest import SMALL_TINY
+    from medkit import config, tiny
+    from medkit.data import generate
+
+    texts = [p["text"] for p in generate.passages(kbase)][:300]
+    small = dict(config.PROFILES["tiny"]["tiny"], **SMALL_TINY)
+    return tiny.build_base("qwen2", texts, small, seed=0, cache=tmp_path_factory.mktemp("tiny"), progress=False)
+
+
+@pytest.mark.slow
+def test_board_end_to_end_with_a_tiny_model(tiny_qwen, kbase, shared_data):
+    from medkit.data import generate, pipeline
+    from medkit.evaluate import leaderboard as lb
+    from medkit.train import common
+
+    data = pipeline.build(kbase, seed=0)
+    test = data.sets["qa"]["test"][:12]
+    questions, refs = [r["question"] for r in test], [r["answer"] for r in test]
+    seen = pipeline.seen_in_pretraining(refs, pipeline.pretraining_corpus(data))
+    scorer = bench.load_scorer(tiny_qwen.path, "sft")
+    qa = {"sft": lb.score_qa(scorer, questions, refs, common.SYSTEM_PROMPT, 4, "offline-minilm", 8)}
+    split = heldout.split_result(qa["sft"], seen, refs)
+    assert split["seen"]["n"] + split["unseen"]["n"] == 12
+    # the per-group losses recombine into the overall one (token-weighted)
+    tok = [sum(qa["sft"]["items"]["tokens"][i] for i, s in enumerate(seen) if s == g) for g in (True, False)]
+    both = [split[g]["loss"] for g in ("seen", "unseen") if split[g]["n"]]
+    if len(both) == 2:
+        assert qa["sft"]["loss"] == pytest.approx((both[0] * tok[0] + both[1] * tok[1]) / sum(tok), rel=1e-6)
+    # 02's path: the model and tokenizer directly, by group
+    model, tk = tiny_qwen.load()
+    direct = heldout.split_scores(model, tk, [common.messages(q) for q in questions], refs, seen)
+    assert direct["unseen"]["n"] == split["unseen"]["n"]
+    assert direct["unseen"]["loss"] == pytest.approx(split["unseen"]["loss"], rel=0.05)
+    pool = bench.load_pubmedqa(shared_data / "pubmedqa_pqal.jsonl", None)
+    rows = bench.load_pubmedqa(shared_data / "pubmedqa_pqal.jsonl", "test", 6)
+    rag_rows, info = board.pubmedqa_retrieved(rows, pool, BagEncoder(), k=2, log=lambda *a: None)
+    assert info["pool"] == len(pool) >= 1000 and 0.0 <= info["hit_at_1"] <= info["hit_at_k"] <= 1.0
+    cfg = {"n_bench_generate": 2, "context_words": 60}
+    b = board.score_benchmarks({"sft": scorer}, {"pubmedqa": rows}, cfg, rag_rows)
+    assert b["pubmedqa_ctx"]["sft+rag"]["n"] == 6 and b["pubmedqa_ctx"]["sft+rag"] is not b["pubmedqa_ctx"]["sft"]
+    qa["sft+rag"] = qa["sft"]
+    lboard = board.leaderboard(qa, {}, b)
+    m = board.summary_metrics(lboard, qa, {}, b, {}, {}, seen, refs)
+    assert {"bench.pubmedqa_rag_acc_sft_rag", "bench.ppl_unseen_sft", "bench.qa_n_unseen"} <= set(m)
+    assert board.pubmedqa_table(b, 50, 0).loc["sft+rag", "context"] == "retrieved abstracts"
