@@ -264,6 +264,35 @@ def _machine() -> str:
     return f"{platform.node() or 'host'}: {os.cpu_count()} CPU, {platform.machine()}, Python {platform.python_version()}"
 
 
+def machine_facts(cpuinfo: str | Path = "/proc/cpuinfo") -> dict[str, Any]:
+    """The machine a run's figures come from, taken when the run starts: cores, CPU model, whether
+    the CPU has AVX2 / AVX-512 (kernels, and so timings and some rounding, differ between them),
+    the load average (a busy machine slows every timing) and the Python. Fields it cannot read are
+    ``None``, never guessed."""
+    import platform
+
+    model, flags = None, None
+    try:
+        text = Path(cpuinfo).read_text(errors="replace")
+    except OSError:
+        text = ""
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip().lower()
+        if model is None and key in ("model name", "cpu model", "processor") and value.strip() and not value.strip().isdigit():
+            model = value.strip()
+        if flags is None and key in ("flags", "features"):
+            flags = set(value.split())
+    try:
+        load = [round(x, 2) for x in os.getloadavg()]
+    except (OSError, AttributeError):
+        load = None
+    return {"cores": os.cpu_count(), "cpu_model": model or platform.processor() or None,
+            "arch": platform.machine(), "avx2": None if flags is None else "avx2" in flags,
+            "avx512": None if flags is None else any(f.startswith("avx512") for f in flags),
+            "load_avg_start": load, "python": platform.python_version(), "node": platform.node() or None}
+
+
 def _update_latest(run_dir: Path) -> None:
     latest = run_dir.parent.parent / "latest"
     try:
@@ -370,6 +399,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from tqdm.auto import tqdm
 
+    started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    facts = machine_facts()  # before the first notebook: the load average at the start
     results: dict[str, Result] = {}
     keys: dict[str, str] = {}
     t0 = time.perf_counter()
@@ -449,7 +480,8 @@ def main(argv: list[str] | None = None) -> int:
             merged.append(previous[p.stem])
     summary = {"run_id": run_dir.name, "profile": args.profile,
                "total_seconds": round(time.perf_counter() - t0, 2),
-               "machine": _machine(), "jobs": jobs, "notebooks": merged}
+               "machine": _machine(), "started": started, "machine_facts": facts, "jobs": jobs,
+               "notebooks": merged}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     md = summary_markdown(summary)
     (run_dir / "summary.md").write_text(md)

@@ -55,7 +55,8 @@ def test_success_writes_summary_in_the_contract_shape(course):
     r = _run(nbdir, root, "--only", "01", "--run-id", "r1")
     assert r.returncode == 0, r.stdout + r.stderr
     summary = json.loads((root / "runs" / "r1" / "summary.json").read_text())
-    assert set(summary) >= {"run_id", "profile", "total_seconds", "notebooks"}
+    assert set(summary) >= {"run_id", "profile", "total_seconds", "notebooks", "started", "machine_facts"}
+    assert summary["machine_facts"]["cores"] >= 1 and "avx512" in summary["machine_facts"]
     nb = summary["notebooks"][0]
     assert set(nb) >= {"name", "status", "seconds", "peak_rss_mb", "metrics"}
     assert nb["status"] == "ok" and nb["metrics"]["demo.value"] == 1.0

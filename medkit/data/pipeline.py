@@ -4,6 +4,7 @@ and save each set as a Hugging Face dataset plus JSONL."""
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -129,11 +130,34 @@ def load_split(folder: str | Path, name: str, split: str) -> list[dict[str, Any]
     return [json.loads(line) for line in path.read_text().split("\n") if line.strip()]
 
 
+def _pretraining_texts(passages: list[dict[str, Any]], qa_train: list[dict[str, Any]]) -> list[str]:
+    texts = [p["text"] for p in passages]
+    texts += [f"{r['question']} {r['answer']}" for r in qa_train if not r.get("augmented")]
+    return texts
+
+
 def pretraining_corpus(data: CourseData) -> list[str]:
     """Text for the tiny bases: the passages and the training QA (never the held-out splits)."""
-    texts = [p["text"] for p in data.sets["passages"]["all"]]
-    texts += [f"{r['question']} {r['answer']}" for r in data.sets["qa"]["train"] if not r.get("augmented")]
-    return texts
+    return _pretraining_texts(data.sets["passages"]["all"], data.sets["qa"]["train"])
+
+
+def saved_pretraining_corpus(folder: str | Path) -> list[str]:
+    """``pretraining_corpus`` rebuilt from a saved dataset version folder (what 01 pre-trained
+    the tiny Qwen2, Phi and T5 bases on)."""
+    return _pretraining_texts(load_split(folder, "passages", "all"), load_split(folder, "qa", "train"))
+
+
+def _words(text: str) -> str:
+    return " ".join(re.findall(r"[a-z0-9]+", text.lower()))
+
+
+def seen_in_pretraining(texts: list[str], corpus: list[str]) -> list[bool]:
+    """Per text: was it **seen in pre-training**, i.e. does it appear word for word in one text of
+    ``corpus`` after normalising both (lower case, punctuation and spacing dropped)? Held-out
+    answers that were seen test recall of pre-training, not what a fine-tune taught; before/after
+    tables report the two groups apart. An empty text is never seen."""
+    hay = "\n".join(f" {_words(t)} " for t in corpus)
+    return [bool(w) and f" {w} " in hay for w in map(_words, texts)]
 
 
 def reasoning_corpus(data: CourseData) -> list[str]:

@@ -68,13 +68,16 @@ def score_qa(scorer, questions: list[str], answers: list[str], system: str, n_ge
              bert_model: str, max_new_tokens: int = 64) -> dict[str, Any]:
     """Held-out QA: teacher-forced answer loss, perplexity and token accuracy on every item;
     generation on the first ``n_generate``: ROUGE-L, BLEU (sacrebleu), BERTScore F1, length and
-    verbosity, generic-answer rate, end-of-turn rate. ``replies`` keeps the generations."""
+    verbosity, generic-answer rate, end-of-turn rate. ``replies`` keeps the generations and
+    ``items`` the per-item answer log-probability, token count and correct tokens (so a subset,
+    e.g. the items unseen in pre-training, can be scored without running the model again)."""
     import torch
 
     sums, counts, right = scorer.loglik_detail(questions, answers, system, batch_size=16)
     loss = -sum(sums) / max(sum(counts), 1)
     out: dict[str, Any] = {"n": len(questions), "loss": loss, "perplexity": metrics.perplexity(loss),
-                           "token_accuracy": sum(right) / max(sum(counts), 1)}
+                           "token_accuracy": sum(right) / max(sum(counts), 1),
+                           "items": {"logp": list(sums), "tokens": list(counts), "right": list(right)}}
     gens = scorer.generate(questions[:n_generate], system, max_new_tokens=max_new_tokens)
     texts, refs = [g["text"] for g in gens], answers[:n_generate]
     words = [len(t.split()) for t in texts]
