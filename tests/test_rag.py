@@ -170,11 +170,30 @@ def test_cited_answer_cites_only_retrieved_evidence_and_abstains_below_threshold
     assert "500 mg" in a.text and "Ignore previous" not in a.text  # the injected sentence is never quoted
     assert "not medical advice" in a.render()
     low = answer.answer("What is the usual adult dose of amoxicillin?", hits, texts, min_score=0.95)
-    assert low.abstained and low.text == answer.ABSTAIN and low.check["valid"]
+    assert low.abstained and low.text == answer.ABSTAIN
+    assert low.check["abstained"] and not low.check["valid"]  # an abstention is not a valid citation
     bad = answer.check_citations("Take 500 mg [E1]. It cures everything. Also see [E7].",
                                  answer.make_evidence(hits, texts))
     assert bad["unknown_ids"] == ["E7"] and bad["uncited_sentences"] == ["It cures everything."]
     assert not bad["valid"]
+
+
+def test_the_citation_checker_fails_crafted_bad_answers():
+    """The checker must be able to fail: each crafted answer breaks one rule."""
+    answer, texts = _evidence()
+    ev = answer.make_evidence([("drug.amoxicillin.dose", 0.9), ("cond.gout.treatment", 0.8)], texts)
+    good = answer.check_citations("The usual adult dose is 500 mg three times a day [E1].", ev)
+    assert good["valid"] and good["cited"] == ["E1"] and not good["abstained"]
+    not_retrieved = answer.check_citations("The usual adult dose is 500 mg three times a day [E3].", ev)
+    assert not not_retrieved["valid"] and not_retrieved["unknown_ids"] == ["E3"] and not_retrieved["cited"] == []
+    claim_without_cite = answer.check_citations("Gout is treated with colchicine [E2]. Amoxicillin cures gout.", ev)
+    assert not claim_without_cite["valid"] and claim_without_cite["uncited_sentences"] == ["Amoxicillin cures gout."]
+    abstention = answer.check_citations(answer.ABSTAIN, ev)
+    assert abstention["abstained"] and not abstention["valid"]
+    # an abstention followed by a claim is neither an abstention nor a valid answer
+    sneaky = answer.check_citations(answer.ABSTAIN + " Take 1 g of amoxicillin.", ev)
+    assert not sneaky["abstained"] and not sneaky["valid"] and sneaky["uncited_sentences"] == ["Take 1 g of amoxicillin."]
+    assert not answer.check_citations("", ev)["valid"]
 
 
 def test_prompt_injection_in_a_passage_cannot_change_the_system_prompt_or_citation_rules():
@@ -234,3 +253,15 @@ def test_query_adapter_reranker_learns_from_hard_negatives(small_index):
     assert mrr(adapted) > mrr(plain)
     with pytest.raises(ValueError, match="needs the dense index"):
         rerank.load("query-adapter")
+
+
+def test_hard_negatives_come_only_from_the_given_passages(small_index):
+    """BM25 may index passages that training must not see (the held-out source in the
+    leave-one-source-out protocol): negatives are drawn from ``texts`` only."""
+    from medkit.rag import rerank
+
+    chunks, bm25, _ = small_index
+    allowed = {c["id"]: c["text"] for c in chunks if not c["id"].startswith("drug.amoxicillin")}
+    trip = rerank.hard_negative_triplets(["usual adult dose of amoxicillin tablets"] * 3,
+                                         [{"cond.gout.treatment"}] * 3, allowed, bm25, seed=0)
+    assert len(trip) == 3 and all(t["negative_id"] in allowed for t in trip)
