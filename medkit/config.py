@@ -72,7 +72,9 @@ PROFILES: dict[str, dict[str, Any]] = {
                     # the CPU reranker is trained here (medkit.rag.rerank): a query adapter over MiniLM
                     "reranker_train_questions": 1500, "adapter_epochs": 100, "adapter_lr": 1e-2,
                     "min_score": 0.5,  # abstain when the best reranked passage scores below this
-                    "scale_sizes": [1000, 10000, 50000], "medquad_limit": 1500, "pubmedqa_model": None},
+                    "scale_sizes": [1000, 10000, 50000], "medquad_limit": 1500, "pubmedqa_model": None,
+                    # MedQuAD leave-one-source-out: tuning questions per fold for the reranker trained there
+                    "lso_tune_questions": 200},
             # 07_agent: rule- and KB-driven draft/audit/refine and extractive summary memory (the tiny
             # models cannot write usable answers); the token budget is in whitespace tokens
             "agent": {"mode": "rules", "llm_model": None, "max_rounds": 3, "top_k": 5,

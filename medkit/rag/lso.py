@@ -97,15 +97,16 @@ def tune_weight(bm, dn, idx: list[int], gold: list[str], grid=(0.0, 0.05, 0.1, 0
 
 
 def run(rows: list[dict[str, Any]], retriever: pipeline.HybridRetriever, use_rerank: bool = False,
-        tune_limit: int = 1500, adapter: dict | None = None, extra_adapters: dict[str, np.ndarray] | None = None,
+        tune_limit: int = 1500, adapter: dict | None = None, extra_rerankers: dict[str, Any] | None = None,
         seed: int = 0, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Score every fold. ``retriever`` indexes every row's answer under the row's id (see
     :func:`index`). Rows scored per fold: bm25, dense, hybrid (the pipeline's fusion and default
     weights: what users get), hybrid with the weight tuned on the tuning sources, hybrid (RRF),
     and with ``use_rerank`` the hybrid's top ``rerank_pool`` re-scored by a query adapter trained
     per fold on at most ``tune_limit`` tuning questions (``adapter``: epochs, lr). Each entry of
-    ``extra_adapters`` (name -> query-adapter weight trained elsewhere, e.g. on the course's
-    questions) re-scores the same pool on every fold. Returns ``{"folds": [...], "mean": [...], ...}``."""
+    ``extra_rerankers`` (name -> a query-adapter weight trained elsewhere, e.g. on the course's
+    questions, or a reranker object such as a pretrained cross-encoder) re-scores the same pool on
+    every fold. Returns ``{"folds": [...], "mean": [...], ...}``."""
     adapter = {"epochs": 100, "lr": 1e-2, **(adapter or {})}
     fl = folds(rows)
     questions, gold = [r["question"] for r in rows], [r["id"] for r in rows]
@@ -147,8 +148,9 @@ def run(rows: list[dict[str, Any]], retriever: pipeline.HybridRetriever, use_rer
             rankers["hybrid + rerank"] = lambda i, rr=rr: reranked(rr, i)
             rerank_info.append({"fold": f.source, "train_questions": len(trip), "train_s": time.perf_counter() - t,
                                 "loss_first": rep["loss_first"], "loss_last": rep["loss_last"]})
-        for name, w in (extra_adapters or {}).items():
-            rankers[name] = lambda i, rr=rerank.QueryAdapterReranker(known, w): reranked(rr, i)
+        for name, extra in (extra_rerankers or {}).items():
+            rr = rerank.QueryAdapterReranker(known, extra) if isinstance(extra, np.ndarray) else extra
+            rankers[name] = lambda i, rr=rr: reranked(rr, i)
         for name, ranker in rankers.items():
             m = metrics.summarize([(ranker(i), {gold[i]}) for i in f.test])
             table.append({"fold": f.source, "retriever": name, **m, "tune_questions": len(tune_idx),
