@@ -74,6 +74,8 @@ PROFILES: dict[str, dict[str, Any]] = {
                     "reranker_train_questions": 1500, "adapter_epochs": 100, "adapter_lr": 1e-2,
                     "min_score": 0.5,  # abstain when the best reranked passage scores below this
                     "scale_sizes": [1000, 10000, 50000], "medquad_limit": 1500, "pubmedqa_model": None,
+                    # MedQuAD leave-one-source-out: tuning questions per fold for the reranker trained there
+                    "lso_tune_questions": 200,
                     # no LLM on this profile: 06 answers extractively (medkit.rag.answer.load_generator)
                     "generator": None},
             # 07_agent: rule- and KB-driven draft/audit/refine and extractive summary memory (the tiny

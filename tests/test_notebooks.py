@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from conftest import REPO
-from medkit import nbtools
+from medkit import nbtools, paths
 
 NOTEBOOKS = sorted((REPO / "notebooks").glob("[0-9][0-9]_*.ipynb"))
 
@@ -128,22 +128,80 @@ def test_03_dpo_moves_preferences(course_run):
     assert m["dpo.loglik_pref_unsafe_after"] > m["dpo.loglik_pref_unsafe_before"]
 
 
+def _need(m, *keys):
+    """The metrics, failing with the names of any that were not recorded (no silent skip)."""
+    missing = [k for k in keys if k not in m]
+    assert not missing, f"not recorded: {missing}"
+    return [m[k] for k in keys]
+
+
+# 06 scores MedQuAD only where the shared data sets are (../shared/data or MEDKIT_SHARED_DATA);
+# where they are absent it must still run, and must not record MedQuAD figures
+SHARED_MEDQUAD = (paths.shared_data_dir() or REPO / "no-shared-data") / "medquad.jsonl"
+LSO_KEYS = ("rag.medquad_lso_recall5_dense", "rag.medquad_lso_recall5_hybrid", "rag.medquad_lso_recall5_rerank",
+            "rag.medquad_lso_recall1_dense", "rag.medquad_lso_recall1_rerank", "rag.medquad_lso_folds",
+            "rag.medquad_lso_queries", "rag.medquad_lso_hybrid_minus_dense_recall5_min")
+
+
 @pytest.mark.slow
 def test_06_rag_retrieval_is_measured(course_run):
     _, summary, root = course_run
     m = _metrics(summary, "06_rag")
-    assert m["rag.recall5_hybrid"] >= max(m["rag.recall5_bm25"], m["rag.recall5_dense"]) - 0.01
-    assert m["rag.recall5_bm25"] > 0.5 and m["rag.recall5_dense"] > 0.5
+    bm25, dense, hybrid = _need(m, "rag.recall5_bm25", "rag.recall5_dense", "rag.recall5_hybrid")
+    assert hybrid >= max(bm25, dense)  # the fused retriever is not worse than either member
+    assert bm25 > 0.5 and dense > 0.5
     assert m["rag.query_p95_ms"] > 0 and m["rag.build_docs_per_s"] > 0
     assert (root / "runs" / "ci" / "06_rag" / "chroma").is_dir()
     # the reranker trained here must help where the hybrid is weak: the first place
     assert m["rag.reranker_loss_last"] < m["rag.reranker_loss_first"]
     assert m["rag.mrr10_rerank"] > m["rag.mrr10_hybrid"] and m["rag.recall1_rerank"] > m["rag.recall1_hybrid"]
-    assert m["rag.citation_valid_rate"] == 1.0 and m["rag.abstain_offtopic_rate"] >= 0.8
     assert m["rag.reload_s"] < 0.5 * m["rag.build_s"]  # reopening does not embed again
-    if "rag.medquad_recall5_hybrid" in m:  # only with ../shared/data
-        assert m["rag.medquad_queries"] > 500
-        assert m["rag.medquad_recall5_hybrid"] >= max(m["rag.medquad_recall5_bm25"], m["rag.medquad_recall5_dense"]) - 0.01
+
+
+@pytest.mark.slow
+def test_06_rag_answers_cite_and_abstain_on_off_topic_questions(course_run):
+    _, summary, _ = course_run
+    m = _metrics(summary, "06_rag")
+    valid, offtopic = _need(m, "rag.citation_valid_rate", "rag.abstain_rate_offtopic")
+    assert valid == 1.0  # over the answers given; abstentions are counted apart, never as valid
+    assert offtopic >= 0.8
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="issue #17's target is not met: at min_score 0.5 the tiny profile abstained "
+                   "on 40 of 150 answerable held-out questions (0.267, run lso1, docs/notes/retrieval.md); "
+                   "remove this mark when the threshold is calibrated")
+def test_06_rag_rarely_abstains_on_answerable_questions(course_run):
+    _, summary, _ = course_run
+    (answerable,) = _need(_metrics(summary, "06_rag"), "rag.abstain_rate_answerable")
+    assert answerable <= 0.10  # an assistant that always abstained would fail here
+
+
+@pytest.mark.slow
+def test_06_medquad_leave_one_source_out(course_run):
+    _, summary, _ = course_run
+    m = _metrics(summary, "06_rag")
+    if not SHARED_MEDQUAD.exists():
+        assert not [k for k in m if k.startswith("rag.medquad")], "MedQuAD figures recorded without the data"
+        pytest.skip(f"{SHARED_MEDQUAD} absent: 06 ran without MedQuAD")
+    dense5, hybrid5, _, _, _, folds, queries, worst = _need(m, *LSO_KEYS)
+    assert folds == 7 and queries >= 1000
+    assert worst >= 0.0  # hybrid recall@5 is not below dense on any held-out source
+    assert hybrid5 >= dense5
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="issue #19's reranker targets are not met by the CPU query adapter: "
+                   "per-fold training on the other sources moves recall@1 by less than 0.01 over dense "
+                   "(docs/notes/retrieval.md has the figures); remove this mark when a reranker meets them")
+def test_06_medquad_reranker_targets(course_run):
+    _, summary, _ = course_run
+    m = _metrics(summary, "06_rag")
+    if not SHARED_MEDQUAD.exists():
+        pytest.skip(f"{SHARED_MEDQUAD} absent")
+    rerank5, rerank1, dense1 = _need(m, "rag.medquad_lso_recall5_rerank", "rag.medquad_lso_recall1_rerank",
+                                     "rag.medquad_lso_recall1_dense")
+    assert rerank5 >= 0.85 and rerank1 >= dense1 + 0.05
 
 
 @pytest.mark.slow

@@ -170,11 +170,30 @@ def test_cited_answer_cites_only_retrieved_evidence_and_abstains_below_threshold
     assert "500 mg" in a.text and "Ignore previous" not in a.text  # the injected sentence is never quoted
     assert "not medical advice" in a.render()
     low = answer.answer("What is the usual adult dose of amoxicillin?", hits, texts, min_score=0.95)
-    assert low.abstained and low.text == answer.ABSTAIN and low.check["valid"]
+    assert low.abstained and low.text == answer.ABSTAIN
+    assert low.check["abstained"] and not low.check["valid"]  # an abstention is not a valid citation
     bad = answer.check_citations("Take 500 mg [E1]. It cures everything. Also see [E7].",
                                  answer.make_evidence(hits, texts))
     assert bad["unknown_ids"] == ["E7"] and bad["uncited_sentences"] == ["It cures everything."]
     assert not bad["valid"]
+
+
+def test_the_citation_checker_fails_crafted_bad_answers():
+    """The checker must be able to fail: each crafted answer breaks one rule."""
+    answer, texts = _evidence()
+    ev = answer.make_evidence([("drug.amoxicillin.dose", 0.9), ("cond.gout.treatment", 0.8)], texts)
+    good = answer.check_citations("The usual adult dose is 500 mg three times a day [E1].", ev)
+    assert good["valid"] and good["cited"] == ["E1"] and not good["abstained"]
+    not_retrieved = answer.check_citations("The usual adult dose is 500 mg three times a day [E3].", ev)
+    assert not not_retrieved["valid"] and not_retrieved["unknown_ids"] == ["E3"] and not_retrieved["cited"] == []
+    claim_without_cite = answer.check_citations("Gout is treated with colchicine [E2]. Amoxicillin cures gout.", ev)
+    assert not claim_without_cite["valid"] and claim_without_cite["uncited_sentences"] == ["Amoxicillin cures gout."]
+    abstention = answer.check_citations(answer.ABSTAIN, ev)
+    assert abstention["abstained"] and not abstention["valid"]
+    # an abstention followed by a claim is neither an abstention nor a valid answer
+    sneaky = answer.check_citations(answer.ABSTAIN + " Take 1 g of amoxicillin.", ev)
+    assert not sneaky["abstained"] and not sneaky["valid"] and sneaky["uncited_sentences"] == ["Take 1 g of amoxicillin."]
+    assert not answer.check_citations("", ev)["valid"]
 
 
 def test_prompt_injection_in_a_passage_cannot_change_the_system_prompt_or_citation_rules():
@@ -239,3 +258,93 @@ def test_query_adapter_reranker_learns_from_hard_negatives(small_index):
     assert mrr(adapted) > mrr(plain)
     with pytest.raises(ValueError, match="needs the dense index"):
         rerank.load("query-adapter")
+
+
+def test_hard_negatives_come_only_from_the_given_passages(small_index):
+    """BM25 may index passages that training must not see (the held-out source in the
+    leave-one-source-out protocol): negatives are drawn from ``texts`` only."""
+    from medkit.rag import rerank
+
+    chunks, bm25, _ = small_index
+    allowed = {c["id"]: c["text"] for c in chunks if not c["id"].startswith("drug.amoxicillin")}
+    trip = rerank.hard_negative_triplets(["usual adult dose of amoxicillin tablets"] * 3,
+                                         [{"cond.gout.treatment"}] * 3, allowed, bm25, seed=0)
+    assert len(trip) == 3 and all(t["negative_id"] in allowed for t in trip)
+
+
+def _lso_rows():
+    """Three small 'sources'; the asthma focus appears in two of them."""
+    facts = {
+        "A": [("asthma", "Asthma is a long-term condition of the airways causing wheeze and breathlessness."),
+              ("gout", "Gout is an inflammatory arthritis caused by urate crystals, often in the big toe."),
+              ("anaemia", "Anaemia means too few red blood cells or too little haemoglobin, causing tiredness.")],
+        "B": [("migraine", "Migraine is a recurrent headache disorder, often one-sided, with nausea."),
+              ("asthma", "Asthma attacks are treated with a reliever inhaler such as salbutamol."),
+              ("eczema", "Eczema is dry, itchy, inflamed skin, often in skin creases.")],
+        "C": [("shingles", "Shingles is a painful blistering rash on one side of the body caused by the chickenpox virus."),
+              ("psoriasis", "Psoriasis causes red scaly plaques on elbows, knees and scalp."),
+              ("glaucoma", "Glaucoma damages the optic nerve, often through raised pressure in the eye.")]}
+    return [{"id": f"{s}{i}", "question": f"What is {name}?" if i != 1 else f"How is {name} treated?",
+             "answer": ans, "topic": name, "medquad_source": s}
+            for s, items in facts.items() for i, (name, ans) in enumerate(items)]
+
+
+def test_leave_one_source_out_folds_hold_out_a_source_and_its_foci():
+    from medkit.rag import lso
+
+    rows = _lso_rows()
+    folds = {f.source: f for f in lso.folds(rows)}
+    assert set(folds) == {"A", "B", "C"}
+    a = folds["A"]
+    assert {rows[i]["medquad_source"] for i in a.test} == {"A"} and len(a.test) == 3
+    # B's asthma question shares a focus with the held-out source: it is not tuned on
+    assert {rows[i]["id"] for i in a.tune} == {"B0", "B2", "C0", "C1", "C2"}
+    with pytest.raises(ValueError, match="at least 2 values of `medquad_source`"):
+        lso.folds([r for r in rows if r["medquad_source"] == "A"])
+    with pytest.raises(ValueError, match="have no `medquad_source`.*'A0'"):
+        lso.folds([{**rows[0], "medquad_source": None}] + rows[1:])
+
+
+def test_leave_one_source_out_scores_the_pipeline_and_never_trains_on_the_scored_fold(monkeypatch, tmp_path):
+    from medkit.rag import lso, rerank
+
+    rows = _lso_rows()
+    retriever, _ = lso.index(rows, dense.load_encoder(), dense.chroma_client(tmp_path / "lso"))
+    seen = []
+    real = rerank.hard_negative_triplets
+
+    def spy(questions, positives, texts, bm25, **kw):
+        seen.append((list(questions), set(texts)))
+        return real(questions, positives, texts, bm25, **kw)
+    monkeypatch.setattr(rerank, "hard_negative_triplets", spy)
+    res = lso.run(rows, retriever, use_rerank=True, adapter={"epochs": 5}, log=lambda m: None)
+    names = {m["retriever"] for m in res["mean"]}
+    assert {"bm25", "dense", "hybrid", "hybrid (RRF)", "hybrid + rerank"} <= names
+    assert [f for f in res["fold_sizes"]] == ["A", "B", "C"] and res["mean"][0]["folds"] == 3
+    assert "never seen" in res["reranker"]["training_data"]
+    for (questions, texts), fold in zip(seen, lso.folds(rows)):
+        held_out = [r for r in rows if r["medquad_source"] == fold.source]
+        assert not set(questions) & {r["question"] for r in held_out}
+        assert not texts & {r["id"] for r in held_out}  # no held-out answer as a negative either
+    # the hybrid row is what HybridRetriever.search returns
+    hybrid = [r for r in res["folds"] if r["retriever"] == "hybrid"]
+    expect = metrics.summarize([([d for d, _ in retriever.search(r["question"], 10, "hybrid", use_rewrite=False)],
+                                 {r["id"]}) for r in rows if r["medquad_source"] == "C"])
+    assert next(r for r in hybrid if r["fold"] == "C")["recall@5"] == expect["recall@5"]
+    assert res["hybrid_minus_dense_recall5_min"] == min(
+        h["recall@5"] - d["recall@5"] for h, d in zip(hybrid, [r for r in res["folds"] if r["retriever"] == "dense"]))
+
+
+def test_evaluate_cli_runs_leave_one_source_out_with_the_reranker(tmp_path, capsys):
+    import json
+
+    from medkit.rag.__main__ import main
+
+    f = tmp_path / "mq.jsonl"
+    f.write_text("".join(json.dumps({**r, "source": r.pop("medquad_source")}) + "\n" for r in _lso_rows()))
+    assert main(["evaluate", "--data", str(f), "--rerank", "--embedder", "offline-minilm"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["protocol"] == "leave-one-source-out" and out["rows"] == 9
+    rows = {r["retriever"]: r for r in out["recall5_by_fold"]}
+    assert set(rows["hybrid + rerank"]) == {"retriever", "A", "B", "C", "mean"}
+    assert out["reranker"]["training_data"]

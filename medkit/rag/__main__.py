@@ -1,6 +1,6 @@
 """Retrieval entry points for maintainers, printing JSON:
 
-    python -m medkit.rag evaluate --data <MedQuAD-schema jsonl> [--limit N]   # each retriever's metrics
+    python -m medkit.rag evaluate --data <MedQuAD-schema jsonl> [--rerank] [--limit N]   # each retriever's metrics
     python -m medkit.rag scale --sizes 1000,10000,50000                       # cost growth with corpus size
 """
 from __future__ import annotations
@@ -15,7 +15,14 @@ def main(argv=None) -> int:
     sub = ap.add_subparsers(dest="cmd", required=True)
     ev = sub.add_parser("evaluate", help="each question must retrieve its own answer")
     ev.add_argument("--data", required=True, help="jsonl/csv/parquet with question and answer fields")
-    ev.add_argument("--limit", type=int, default=None)
+    ev.add_argument("--limit", type=int, default=None, help="score a seeded random sample of N rows")
+    ev.add_argument("--rerank", action="store_true",
+                    help="also score hybrid + rerank (a query adapter trained per fold on the tuning sources only)")
+    ev.add_argument("--protocol", choices=("auto", "lso", "split"), default="auto",
+                    help="lso: leave one source out (needs a `source` per row; auto picks it when there are "
+                         ">= 2 sources); split: one dev/test split grouped by focus")
+    ev.add_argument("--tune-limit", type=int, default=1500, help="tuning questions per fold (fusion weight, reranker)")
+    ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--embedder", default="offline-minilm:int8", help="offline-minilm[:int8] or a hub id")
     sc = sub.add_parser("scale", help="build time and query latency as the corpus grows (course chunks, copied)")
     sc.add_argument("--sizes", default="1000,10000,50000")
@@ -25,16 +32,38 @@ def main(argv=None) -> int:
     if args.cmd == "scale":
         return _scale(args)
 
+    import random
+
     from ..data import loaders
-    from . import dense, evaluate
+    from . import dense, evaluate, lso
 
     res = loaders.load("medquad", args.data)
     if not res.rows:
         print(json.dumps({"error": f"no usable rows in {args.data}", "dropped": res.drop_counts()}))
         return 2
-    table = evaluate.medquad_eval(res.rows, dense.load_encoder(args.embedder), dense.chroma_client(), args.limit)
-    print(json.dumps({"data": args.data, "rows": len(res.rows[: args.limit] if args.limit else res.rows),
-                      "dropped": res.drop_counts(), "results": table}, indent=2))
+    rows = res.rows
+    if args.limit and args.limit < len(rows):  # a random sample: the file may be sorted by source
+        rows = random.Random(args.seed).sample(rows, args.limit)
+    sources = {r.get(lso.SOURCE_KEY) for r in rows}
+    protocol = args.protocol
+    if protocol == "auto":
+        protocol = "lso" if len(sources - {None}) >= 2 and None not in sources else "split"
+    out = {"data": args.data, "rows": len(rows), "dropped": res.drop_counts(), "protocol": protocol}
+    encoder = dense.load_encoder(args.embedder)
+    if protocol == "lso":
+        try:
+            lso.folds(rows)
+        except ValueError as exc:
+            print(json.dumps({"error": f"{args.data}: {exc}"}))
+            return 2
+        retriever, _ = lso.index(rows, encoder, dense.chroma_client())
+        result = lso.run(rows, retriever, use_rerank=args.rerank, tune_limit=args.tune_limit, seed=args.seed,
+                         log=lambda m: print(m, file=sys.stderr))
+        out.update(result, recall5_by_fold=lso.fold_table(result), recall1_by_fold=lso.fold_table(result, "recall@1"))
+    else:
+        out["results"] = evaluate.medquad_eval(rows, encoder, dense.chroma_client(), rerank_train=args.rerank,
+                                               tune_limit=args.tune_limit, seed=args.seed)
+    print(json.dumps(out, indent=2))
     return 0
 
 

@@ -87,13 +87,17 @@ def build_messages(question: str, evidence: list[Evidence]) -> list[dict[str, st
 
 def check_citations(answer_text: str, evidence: list[Evidence]) -> dict[str, Any]:
     """Every cited id must be one of ``evidence``; every sentence that is not the abstention
-    must carry at least one citation. ``valid`` is True when both hold."""
+    must carry at least one citation. ``valid`` is True when both hold *and* the answer cites
+    something: an abstention (``abstained``) cites nothing, so it is never a valid citation;
+    callers count it apart (06 records the abstention rate on its own)."""
     allowed = {ev.label for ev in evidence}
     cited = _CITE.findall(answer_text)
     unknown = sorted({c for c in cited if c not in allowed})
     uncited = [s for s in sentences(answer_text) if not _CITE.search(s) and s.strip() != ABSTAIN]
-    return {"cited": sorted(set(cited) & allowed), "unknown_ids": unknown, "uncited_sentences": uncited,
-            "valid": not unknown and not uncited}
+    ok_cited = sorted(set(cited) & allowed)
+    abstained = not cited and not uncited and ABSTAIN in answer_text
+    return {"cited": ok_cited, "unknown_ids": unknown, "uncited_sentences": uncited, "abstained": abstained,
+            "valid": bool(ok_cited) and not unknown and not uncited}
 
 
 def extractive_answer(question: str, evidence: list[Evidence], max_sentences: int = 3) -> str:

@@ -146,9 +146,16 @@ class DenseIndex:
         return {i: np.asarray(e, dtype=np.float32) for i, e in zip(got["ids"], got["embeddings"])}
 
     def search(self, query: str, k: int = 10) -> list[tuple[str, float]]:
-        if not self.col.count():
+        n = self.col.count()
+        return self.search_vector(self.embed_query(query), k, n) if n else []
+
+    def search_vector(self, vector: list[float], k: int = 10, n: int | None = None) -> list[tuple[str, float]]:
+        """``search`` for a query embedding made already (the evaluation embeds each question once);
+        ``n``: the collection's size when the caller has just counted it."""
+        n = self.col.count() if n is None else n
+        if not n:
             return []
-        res = self.col.query(query_embeddings=[self.embed_query(query)], n_results=min(k, self.col.count()))
+        res = self.col.query(query_embeddings=[vector], n_results=min(k, n))
         return [(i, 1.0 - float(d)) for i, d in zip(res["ids"][0], res["distances"][0])]
 
 

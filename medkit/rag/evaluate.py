@@ -102,12 +102,16 @@ def group_split(rows: list[dict[str, Any]], dev_share: float = 0.25, key: str = 
 
 
 def medquad_eval(rows: list[dict[str, Any]], encoder, client, limit: int | None = None,
-                 max_words: int = 120, reranker=None, tune: bool = True) -> list[dict[str, Any]]:
+                 max_words: int = 120, reranker=None, tune: bool = True, rerank_train: bool = False,
+                 tune_limit: int = 1500, seed: int = 0) -> list[dict[str, Any]]:
     """Each MedQuAD question must retrieve its own answer among all the answers (cut to
     ``max_words``). Questions are split into dev and test grouped by focus; the fusion weight is
     tuned on dev and every retriever is scored on test, weighted and RRF hybrids (and the
-    reranker when given) included. Each row says the weights used. Files under 200 questions are
-    scored whole with the default weights."""
+    reranker when given) included. ``rerank_train`` trains a query adapter on (at most
+    ``tune_limit``) dev questions, negatives from dev answers only, and scores it on test. Each row
+    says the weights used. Files under 200 questions are scored whole with the default weights
+    (and ``rerank_train`` then reports the reranker as skipped: nothing to train it on).
+    :mod:`medkit.rag.lso` is the protocol for files with several sources."""
     rows = rows[:limit] if limit else rows
     docs = [{"id": r["id"], "text": " ".join(r["answer"].split()[:max_words])} for r in rows]
     retriever, _ = build(docs, encoder, client)
@@ -120,11 +124,27 @@ def medquad_eval(rows: list[dict[str, Any]], encoder, client, limit: int | None 
         test = rows
     questions, relevant = [r["question"] for r in test], [{r["id"]} for r in test]
     table = evaluate(retriever, questions, relevant, rewrites=(False,))
+    if reranker is None and rerank_train and dev:
+        import random
+
+        from . import rerank
+
+        pool = random.Random(seed).sample(dev, min(tune_limit, len(dev)))
+        dev_texts = {r["id"]: retriever.texts[r["id"]] for r in dev}
+        trip = rerank.hard_negative_triplets([r["question"] for r in pool], [{r["id"]} for r in pool], dev_texts,
+                                             retriever.bm25, seed=seed)
+        weight, _ = rerank.train_query_adapter(retriever.dense, trip, [t["positive_id"] for t in trip],
+                                               [t["negative_id"] for t in trip], epochs=100, lr=1e-2, seed=seed)
+        reranker = rerank.QueryAdapterReranker(retriever.dense, weight)
+    skipped = []
     if reranker is not None:
         retriever.reranker = reranker
         table += evaluate(retriever, questions, relevant, ("rerank",), (False,))
+    elif rerank_train:
+        skipped = [{"retriever": "rerank", "skipped": "no dev questions to train the reranker on "
+                                                      "(files under 200 rows are scored whole)"}]
     retriever.fusion = "rrf"
     table += [{**r, "retriever": "hybrid (RRF)"} for r in evaluate(retriever, questions, relevant, ("hybrid",), (False,))]
     for r in table:
         r.update(corpus=len(docs), dev_questions=len(dev), fusion_weights=list(retriever.weights))
-    return table
+    return table + skipped

@@ -28,8 +28,8 @@ ADAPTER = "query-adapter"
 def hard_negative_triplets(questions: list[str], positives: list[set[str]], texts: dict[str, str], bm25,
                            negatives: int = 1, seed: int = 0) -> list[dict[str, Any]]:
     """(anchor, positive, negative) rows, with the passages' ids: each question with its own passage and one of the
-    ``negatives`` highest-ranked BM25 passages that are not relevant (a random passage when BM25
-    finds none). Questions whose passage is not in ``texts`` are skipped."""
+    ``negatives`` highest-ranked BM25 passages that are not relevant and are in ``texts`` (a random
+    passage of ``texts`` when BM25 finds none). Questions whose passage is not in ``texts`` are skipped."""
     rng = random.Random(seed)
     ids = list(texts)
     rows = []
@@ -37,7 +37,9 @@ def hard_negative_triplets(questions: list[str], positives: list[set[str]], text
         pos = sorted(p for p in pos if p in texts)
         if not pos:
             continue
-        negs = [d for d, _ in bm25.search(q, negatives + len(pos) + 5) if d not in pos][:negatives]
+        # only passages of ``texts`` can be negatives: BM25 may index more (the held-out source's
+        # answers in medkit.rag.lso), and those must not reach training
+        negs = [d for d, _ in bm25.search(q, negatives + len(pos) + 20) if d not in pos and d in texts][:negatives]
         while len(negs) < negatives:
             d = rng.choice(ids)
             if d not in pos and d not in negs:
