@@ -226,7 +226,7 @@ def _smol_profile() -> dict[str, Any]:
     once by ``medkit.smol``) as the base of the SFT, DPO, QLoRA and reasoning stages, on the same 2-core CPU. What is not
     listed here is the ``tiny`` profile's (T5 stays tiny: no real T5 is available offline).
 
-    The budgets are provisional (docs/notes/smol.md): the issue's probe measured a LoRA step on
+    The budgets are provisional (docs/notes/2026-12-05-smol-foundation.md): the issue's probe measured a LoRA step on
     every linear layer at 8.1 s for batch 4 x 128 tokens with one other job running; this branch
     measured 83-109 s at batch 8 x 82 tokens with the 2 cores at load 12, which says nothing about
     a quiet machine. Sequence lengths cover the course's examples (answers ~24 words), not the

@@ -169,7 +169,7 @@ def test_06_rag_answers_cite_and_abstain_on_off_topic_questions(course_run):
 
 @pytest.mark.slow
 @pytest.mark.xfail(strict=True, reason="issue #17's target is not met: at min_score 0.5 the tiny profile abstained "
-                   "on 40 of 150 answerable held-out questions (0.267, run lso1, docs/notes/retrieval.md); "
+                   "on 40 of 150 answerable held-out questions (0.267, run lso1, docs/notes/2026-12-05-retrieval-lso.md); "
                    "remove this mark when the threshold is calibrated")
 def test_06_rag_rarely_abstains_on_answerable_questions(course_run):
     _, summary, _ = course_run
@@ -193,7 +193,7 @@ def test_06_medquad_leave_one_source_out(course_run):
 @pytest.mark.slow
 @pytest.mark.xfail(strict=True, reason="issue #19's reranker targets are not met by the CPU query adapter: "
                    "per-fold training on the other sources moves recall@1 by less than 0.01 over dense "
-                   "(docs/notes/retrieval.md has the figures); remove this mark when a reranker meets them")
+                   "(docs/notes/2026-12-05-retrieval-lso.md has the figures); remove this mark when a reranker meets them")
 def test_06_medquad_reranker_targets(course_run):
     _, summary, _ = course_run
     m = _metrics(summary, "06_rag")
