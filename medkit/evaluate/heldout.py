@@ -28,13 +28,19 @@ def split_scores(model, tok, prompts: list, answers: list[str], seen: list[bool]
         row: dict[str, Any] = {"n": len(idx)}
         if idx:
             row.update(common.completion_scores(model, tok, [prompts[i] for i in idx], [answers[i] for i in idx]))
-        if texts is not None:
-            gen = [i for i in idx if i < len(texts)]
-            row["n_gen"] = len(gen)
-            if gen:
-                row["rougeL"] = metrics.rouge_l([texts[i] for i in gen], [answers[i] for i in gen])
+        _add_rouge(row, idx, texts, answers)
         out[group] = row
     return out
+
+
+def _add_rouge(row: dict[str, Any], idx: list[int], texts, references) -> None:
+    """ROUGE-L of the generated texts (the first ``len(texts)`` items) in a group, with their count."""
+    if texts is None:
+        return
+    gen = [i for i in idx if i < len(texts)]
+    row["n_gen"] = len(gen)
+    if gen:
+        row["rougeL"] = metrics.rouge_l([texts[i] for i in gen], [references[i] for i in gen])
 
 
 def table(columns: dict[str, dict[str, dict[str, Any]]]):
@@ -84,11 +90,7 @@ def split_result(result: dict[str, Any], seen: list[bool], references: list[str]
             loss = -sum(items["logp"][i] for i in idx) / max(tokens, 1)
             row.update(loss=loss, perplexity=metrics.perplexity(loss),
                        token_accuracy=sum(items["right"][i] for i in idx) / max(tokens, 1))
-        if texts is not None:
-            gen = [i for i in idx if i < len(texts)]
-            row["n_gen"] = len(gen)
-            if gen:
-                row["rougeL"] = metrics.rouge_l([texts[i] for i in gen], [references[i] for i in gen])
+        _add_rouge(row, idx, texts, references)
         out[group] = row
     return out
 
