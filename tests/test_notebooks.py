@@ -155,7 +155,7 @@ def test_06_rag_retrieval_is_measured(course_run):
     # the reranker trained here must help where the hybrid is weak: the first place
     assert m["rag.reranker_loss_last"] < m["rag.reranker_loss_first"]
     assert m["rag.mrr10_rerank"] > m["rag.mrr10_hybrid"] and m["rag.recall1_rerank"] > m["rag.recall1_hybrid"]
-    assert m["rag.reload_s"] < 0.5 * m["rag.build_s"]  # reopening does not embed again
+    assert m["rag.reload_reused"] == 1  # reopening found the stored vectors and embedded nothing again
 
 
 @pytest.mark.slow
