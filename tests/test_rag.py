@@ -348,3 +348,20 @@ def test_evaluate_cli_runs_leave_one_source_out_with_the_reranker(tmp_path, caps
     rows = {r["retriever"]: r for r in out["recall5_by_fold"]}
     assert set(rows["hybrid + rerank"]) == {"retriever", "A", "B", "C", "mean"}
     assert out["reranker"]["training_data"]
+
+
+def test_abstention_threshold_is_calibrated_between_answerable_and_off_topic_scores():
+    from medkit.rag import answer
+
+    cal = answer.calibrate_min_score([0.8, 0.7, 0.9, 0.65], [0.2, 0.3, 0.35])
+    assert 0.35 < cal["min_score"] < 0.65 and cal["answer_rate"] == 1.0 and cal["offtopic_abstain_rate"] == 1.0
+    # overlapping scores: the threshold trades the two errors, it cannot remove both
+    cal = answer.calibrate_min_score([0.9, 0.8, 0.4, 0.7], [0.5, 0.1, 0.2, 0.3])
+    assert cal["answer_rate"] + cal["offtopic_abstain_rate"] == 1.75
+    assert not set(answer.OFFTOPIC_CALIBRATION) & {"Who won the football world cup in 1998?", "What is the capital of Peru?"}
+    with pytest.raises(ValueError, match="off-topic 0"):
+        answer.calibrate_min_score([0.5], [])
+    calls = []
+    out = answer.calibrate(lambda q: calls.append(q) or ([("a", 0.9)] if "asthma" in q else [("b", 0.1)]),
+                           ["What is asthma?", "asthma triggers?"], ["What is the capital of Chile?"])
+    assert out["answer_rate"] == 1.0 and out["offtopic_abstain_rate"] == 1.0 and len(calls) == 3

@@ -122,6 +122,55 @@ def extractive_answer(question: str, evidence: list[Evidence], max_sentences: in
     return " ".join(out)
 
 
+# Off-topic questions for calibrating the abstention threshold (written for the course; none of
+# them is among the off-topic questions that 06 scores).
+OFFTOPIC_CALIBRATION = [
+    "What time do banks usually open on Saturdays?", "How do I bake sourdough bread at home?",
+    "Who wrote Pride and Prejudice?", "What is the best way to learn the guitar?",
+    "How far is the Moon from the Earth?", "Which team won the last basketball final?",
+    "How do I reset my wifi router?", "What is a good name for a pet cat?",
+    "How do I fix a leaking kitchen tap?", "What is the plot of Hamlet?",
+    "How many players are on a rugby team?", "Where can I buy cheap train tickets?",
+    "How do I make my houseplants grow faster?", "What programming language should I learn first?",
+    "How do I paint a bedroom wall?", "What is the tallest building in the world?",
+    "Suggest a weekend trip near the mountains", "How do I write a cover letter for a job?",
+    "What is the exchange rate between euros and dollars?", "Tell me a joke about penguins",
+]
+
+
+def calibrate_min_score(answerable: list[float], offtopic: list[float]) -> dict[str, float]:
+    """The abstention threshold that best separates the best-passage scores of answerable
+    calibration questions from those of off-topic ones: the midpoint of the widest gap among the
+    thresholds with the highest balanced accuracy (share of answerable questions answered + share
+    of off-topic ones abstained, halved). Returns the threshold and both shares on the
+    calibration questions themselves."""
+    import numpy as np
+
+    a = np.asarray([x for x in answerable if np.isfinite(x)], dtype=float)
+    o = np.asarray([x for x in offtopic if np.isfinite(x)], dtype=float)
+    if not len(a) or not len(o):
+        raise ValueError(f"calibrate_min_score needs scores of both kinds (answerable {len(a)}, off-topic {len(o)})")
+    points = np.unique(np.concatenate([a, o]))
+    cuts = np.concatenate([[points[0] - 1e-6], (points[:-1] + points[1:]) / 2, [points[-1] + 1e-6]])
+    acc = np.array([((a >= t).mean() + (o < t).mean()) / 2 for t in cuts])
+    best = np.flatnonzero(acc >= acc.max() - 1e-12)
+    # among equally good cuts, the one in the middle of the run of best cuts (most room both ways)
+    t = float(cuts[best[len(best) // 2]])
+    return {"min_score": t, "answer_rate": float((a >= t).mean()), "offtopic_abstain_rate": float((o < t).mean()),
+            "answerable_n": int(len(a)), "offtopic_n": int(len(o))}
+
+
+def calibrate(search: Callable[[str], list[tuple[str, float]]], answerable: list[str],
+              offtopic: list[str] | None = None) -> dict[str, float]:
+    """``calibrate_min_score`` on the best score ``search`` gives each calibration question (a
+    question with no hit scores minus infinity and is left out)."""
+    def best(q: str) -> float:
+        hits = search(q)
+        return float(hits[0][1]) if hits else float("-inf")
+
+    return calibrate_min_score([best(q) for q in answerable], [best(q) for q in (offtopic or OFFTOPIC_CALIBRATION)])
+
+
 def answer(question: str, hits: list[tuple[str, float]], texts: dict[str, str], min_score: float,
            generate: Callable[[list[dict[str, str]]], str] | None = None, top: int = 3) -> Answer:
     """Answer ``question`` from ``hits`` (best first, e.g. the reranker's top 3). Abstains when
