@@ -168,13 +168,13 @@ def test_06_rag_answers_cite_and_abstain_on_off_topic_questions(course_run):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="issue #17's target is not met: at min_score 0.5 the tiny profile abstained "
-                   "on 40 of 150 answerable held-out questions (0.267, run lso1, docs/notes/2026-12-05-retrieval-lso.md); "
-                   "remove this mark when the threshold is calibrated")
 def test_06_rag_rarely_abstains_on_answerable_questions(course_run):
     _, summary, _ = course_run
-    (answerable,) = _need(_metrics(summary, "06_rag"), "rag.abstain_rate_answerable")
+    answerable, min_score = _need(_metrics(summary, "06_rag"), "rag.abstain_rate_answerable", "rag.min_score")
+    # issue #17's target. The threshold is calibrated on training questions vs off-topic calibration
+    # questions (0.02 at a calibrated 0.275 on 2026-12-05; the guessed 0.5 abstained on 0.267)
     assert answerable <= 0.10  # an assistant that always abstained would fail here
+    assert min_score > 0
 
 
 @pytest.mark.slow
