@@ -118,7 +118,8 @@ def results_markdown(summary: dict[str, Any], source: str = "summary.json") -> s
            "course and regenerate it. Every figure below is what that run measured.", "",
            "| run | |", "| --- | --- |",
            f"| run id | `{summary['run_id']}` |", f"| started (UTC) | {_value(summary.get('started'))} |",
-           f"| profile | `{summary['profile']}` |", f"| total seconds | {_value(summary.get('total_seconds'))} |", "",
+           f"| profile | `{summary['profile']}` |", f"| total seconds | {_value(summary.get('total_seconds'))} |",
+           f"| notebooks side by side (`--jobs`; speed figures of a run with more than 1 were measured under load) | {summary.get('jobs', 1)} |", "",
            "## Machine", "", "| fact | value |", "| --- | --- |"]
     out += [f"| {k} | {_value(v)} |" for k, v in machine]
     out += ["", "## Notebooks", "", "| notebook | status | seconds | peak RSS (MB) | figures |",
