@@ -44,7 +44,7 @@ def test_checker_catches_outputs_and_a_missing_parameters_cell(tmp_path):
 def course_run(tmp_path_factory):
     """`python -m medkit.run` over every committed notebook, tiny profile, private output root.
     Two notebooks at a time where the dependencies allow (02 beside 04, 05, 06 ...; 09 alone), one
-    compute thread each: the tiny models gain little from a second thread, so the suite gains."""
+    compute thread each."""
     root = tmp_path_factory.mktemp("course")
     cmd = [sys.executable, "-m", "medkit.run", "--profile", "tiny", "--output-root", str(root), "--run-id", "ci",
            "--jobs", "2"]
