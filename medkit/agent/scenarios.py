@@ -72,6 +72,23 @@ def load(path: str | Path | None = None, kb=None) -> list[dict[str, Any]]:
     return rows
 
 
+def per_kind(scenarios: list[dict[str, Any]], n: int | None) -> list[dict[str, Any]]:
+    """The first ``n`` scenarios of each kind, in file order (``None``: all of them). A profile
+    whose model writes slowly (``agent.scenarios_per_kind``) scores a fixed, stratified subset: every
+    kind stays represented and the same cases are chosen on every run."""
+    if n is None:
+        return list(scenarios)
+    if n < 1:
+        raise ValueError(f"scenarios_per_kind must be at least 1 or None, got {n!r}")
+    seen: dict[str, int] = {}
+    out = []
+    for s in scenarios:
+        seen[s["kind"]] = seen.get(s["kind"], 0) + 1
+        if seen[s["kind"]] <= n:
+            out.append(s)
+    return out
+
+
 def _warned(sentences: list[answer.Sentence], drugs: set[str]) -> bool:
     return any(s.kind == "warning" and set(s.drugs) & drugs for s in sentences)
 

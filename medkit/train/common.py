@@ -209,17 +209,25 @@ def token_logprobs(model, tok, prompts: list[list[dict[str, str]]], completions:
 
 
 def completion_scores(model, tok, prompts: list[list[dict[str, str]]], answers: list[str],
-                      batch_size: int = 16) -> dict[str, float]:
-    """Teacher-forced loss, perplexity and token accuracy on the answer tokens only."""
+                      batch_size: int = 16, per_item: bool = False) -> dict[str, Any]:
+    """Teacher-forced loss, perplexity and token accuracy on the answer tokens only. With
+    ``per_item`` the result also holds ``items``: each answer's summed log-probability
+    (``logp``), scored tokens (``tokens``) and right top guesses (``right``), so any subset can be
+    scored again without running the model (``medkit.evaluate.heldout.split_result``)."""
     model.eval()
-    total_logp, total_tok, correct = 0.0, 0, 0
+    items: dict[str, list] = {"logp": [], "tokens": [], "right": []}
     for i in range(0, len(prompts), batch_size):
         logp, mask, right = token_logprobs(model, tok, prompts[i: i + batch_size], answers[i: i + batch_size])
-        total_logp += float(logp.sum())
-        total_tok += int(mask.sum())
-        correct += int(right.sum())
-    mean_loss = -total_logp / max(total_tok, 1)
-    return {"loss": mean_loss, "perplexity": perplexity(mean_loss), "token_accuracy": correct / max(total_tok, 1)}
+        items["logp"] += [float(v) for v in logp.sum(-1)]
+        items["tokens"] += [int(v) for v in mask.sum(-1)]
+        items["right"] += [int(v) for v in right.sum(-1)]
+    total_tok = sum(items["tokens"])
+    mean_loss = -sum(items["logp"]) / max(total_tok, 1)
+    out: dict[str, Any] = {"loss": mean_loss, "perplexity": perplexity(mean_loss),
+                           "token_accuracy": sum(items["right"]) / max(total_tok, 1)}
+    if per_item:
+        out["items"] = items
+    return out
 
 
 def write_model_card(folder: str | Path, title: str, base: str, data: str, hyper: dict[str, Any],

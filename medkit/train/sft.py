@@ -17,10 +17,11 @@ from .common import SYSTEM_PROMPT, messages, precision_flags
 
 def to_prompt_completion(rows: list[dict[str, Any]], system: str = SYSTEM_PROMPT):
     """QA rows → a conversational prompt/completion ``datasets.Dataset`` (trl computes the loss
-    on the completion only)."""
+    on the completion only). A row with its own ``prompt`` (chat messages, e.g. the grounded rows
+    of ``medkit.train.grounded``) keeps it; the others get the system prompt and their question."""
     from datasets import Dataset
 
-    return Dataset.from_list([{"prompt": messages(r["question"], system),
+    return Dataset.from_list([{"prompt": r["prompt"] if r.get("prompt") else messages(r["question"], system),
                                "completion": [{"role": "assistant", "content": r["answer"]}]} for r in rows])
 
 
