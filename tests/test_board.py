@@ -68,6 +68,24 @@ def test_the_sft_rag_pubmedqa_row_is_scored_on_retrieved_context_not_copied(monk
     assert table.loc["sft+rag", "context"] == "retrieved abstracts" and table.loc["sft+rag", "no context, LL"] == "n/a"
 
 
+def test_every_model_is_scored_on_the_retrieved_abstracts_and_recorded(monkeypatch):
+    calls = []
+    monkeypatch.setattr(bench, "score_pubmedqa", _fake_pubmedqa(calls))
+    cfg = {"n_bench_generate": 0, "context_words": 50}
+    retrieved = [dict(r, contexts=["something retrieved"], retrieved=["3"]) for r in POOL[:2]]
+    b = board.score_benchmarks({"base": "bad", "sft": "good"}, {"pubmedqa": POOL[:2]}, cfg, retrieved)
+    assert set(b["pubmedqa_retrieved"]) == {"base", "sft"}
+    # the fake scorer answers right only when it reads retrieved rows: each model's row came from them
+    assert b["pubmedqa_retrieved"]["base"]["acc_norm"] == 1.0 and b["pubmedqa"]["base"]["acc_norm"] == 0.0
+    table = board.pubmedqa_table(b, n_boot=50, seed=0)
+    assert table.loc["base", "retrieved abstracts, LL"].startswith("1.00")
+    assert board.score_benchmarks({"sft": "good"}, {"pubmedqa": POOL[:2]}, cfg)["pubmedqa_retrieved"] == {}
+    qa = {"base": {}, "sft": {}}
+    lboard = board.leaderboard(qa, {}, b)
+    keys = board.summary_metrics(lboard, qa, {}, b, {}, {}, [], [])
+    assert keys["bench.pubmedqa_retrieved_acc_base"] == 1.0 and "bench.pubmedqa_retrieved_acc_sft" in keys
+
+
 def _results():
     items = {"logp": [-1.0, -2.0, -3.0, -4.0], "tokens": [1, 1, 1, 1], "right": [1, 1, 0, 0]}
     qa = {"base": {"n": 4, "perplexity": 9.0, "token_accuracy": 0.5, "rougeL": 0.1, "bertscore_f1": 0.5, "mean_words": 9,

@@ -23,7 +23,7 @@ NOT_APPLICABLE = {
                "abstracts retrieved by 06's hybrid retriever from every PQA-L abstract, not the item's own",
     "rag (extractive)": "06's tiny answerer: quotes retrieved sentences with [E#]; no model probabilities, so no perplexity/MCQ",
 }
-BENCH_TABLES = ("pubmedqa", "pubmedqa_ctx", "mmlu", "medmcqa", "kqa")
+BENCH_TABLES = ("pubmedqa", "pubmedqa_ctx", "pubmedqa_retrieved", "mmlu", "medmcqa", "kqa")
 
 
 # ---------------------------------------------------------------- models
@@ -163,7 +163,9 @@ def score_benchmarks(scorers, real: dict[str, list], cfg: dict[str, Any],
     """Every model on every loaded benchmark: PubMedQA without context (``pubmedqa``) and with its
     own abstract (``pubmedqa_ctx``), MMLU medical, MedMCQA, K-QA. With ``rag_pubmedqa`` (rows
     whose contexts were retrieved, ``pubmedqa_retrieved``) the ``sft+rag`` row of
-    ``pubmedqa_ctx`` is the SFT model reading the retrieved abstracts."""
+    ``pubmedqa_ctx`` is the SFT model reading the retrieved abstracts, and every model is also
+    scored on them by log-likelihood (``pubmedqa_retrieved``): no context, retrieved context and
+    the gold abstract side by side."""
     out = {t: {} for t in BENCH_TABLES}
     ng, words = cfg["n_bench_generate"], cfg["context_words"]
     for name, s in scorers.items():
@@ -176,6 +178,9 @@ def score_benchmarks(scorers, real: dict[str, list], cfg: dict[str, Any],
             out["medmcqa"][name] = bench.score_mcq(s, real["medmcqa"], ng)
         if "kqa" in real:
             out["kqa"][name] = bench.score_kqa(s, real["kqa"])
+    if rag_pubmedqa is not None:
+        for name, s in scorers.items():
+            out["pubmedqa_retrieved"][name] = bench.score_pubmedqa(s, rag_pubmedqa, True, words)
     if rag_pubmedqa is not None and "sft" in scorers:
         out["pubmedqa_ctx"]["sft+rag"] = bench.score_pubmedqa(scorers["sft"], rag_pubmedqa, True, words, ng)
     return out
@@ -212,6 +217,7 @@ def pubmedqa_table(b: dict[str, dict[str, Any]], n_boot: int, seed: int):
     rows = {}
     for n, ctx in b["pubmedqa_ctx"].items():
         rows[n] = {"no context, LL": acc_cell(b["pubmedqa"].get(n), "norm", n_boot, seed),
+                   "retrieved abstracts, LL": acc_cell(b.get("pubmedqa_retrieved", {}).get(n), "norm", n_boot, seed),
                    "with context, LL": acc_cell(ctx, "norm", n_boot, seed),
                    "with context, generation": acc_cell(ctx, "gen", n_boot, seed),
                    "context": "retrieved abstracts" if n == "sft+rag" else "its own abstract",
@@ -352,7 +358,8 @@ def ledger(board, mc: dict, b: dict, lat: dict, cfg: dict[str, Any], seed: int, 
     out = {"profile": profile, "seed": seed, "hardware": hw, "notice": NOT_MEDICAL_ADVICE, "data": data, "models": {}}
     for name in board.index:
         row = {k: v for k, v in board.loc[name].items() if v == v and v is not None}
-        for label, d in (("mcq", mc), ("pubmedqa", b["pubmedqa"]), ("pubmedqa_ctx", b["pubmedqa_ctx"]), ("mmlu", b["mmlu"])):
+        for label, d in (("mcq", mc), ("pubmedqa", b["pubmedqa"]), ("pubmedqa_ctx", b["pubmedqa_ctx"]),
+                         ("pubmedqa_retrieved", b.get("pubmedqa_retrieved", {})), ("mmlu", b["mmlu"])):
             if name in d:
                 row[f"{label}_ci95"] = list(lb.bootstrap_ci(d[name]["correct_norm"], cfg["n_boot"], seed))
         if name in lat:
@@ -391,6 +398,7 @@ def summary_metrics(board, qa: dict, mc: dict, b: dict, lat: dict, counts: dict[
                               ("mcq_acc", acc(mc, name)), ("mcq_acc_raw", acc(mc, name, "raw")), ("mcq_acc_gen", acc(mc, name, "gen")),
                               ("mcq_format_rate", mc.get(name, {}).get("format_rate_gen")),
                               ("pubmedqa_acc", acc(b["pubmedqa"], name)), ("pubmedqa_rag_acc", acc(b["pubmedqa_ctx"], name)),
+                              ("pubmedqa_retrieved_acc", acc(b.get("pubmedqa_retrieved", {}), name)),
                               ("mmlu_med_acc", acc(b["mmlu"], name)), ("medmcqa_acc", acc(b["medmcqa"], name)),
                               ("latency_p50_ms", lat.get(name, {}).get("p50_ms")), ("latency_p95_ms", lat.get(name, {}).get("p95_ms")),
                               ("tokens_per_s", lat.get(name, {}).get("tokens_per_s"))):
