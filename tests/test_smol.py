@@ -83,6 +83,11 @@ def test_smol_profile_names_the_shipped_model_through_the_same_keys():
     assert config.resolve("smol", "dpo")["base_model"] == "artifact:sft_model"
     assert config.resolve("smol", "t5")["base_model"] == "tiny:t5"  # no real T5 offline
     assert config.resolve("smol")["device"] == "cpu"
+    # the real model writes 06's cited answers and 07's drafts, through the GPU profiles' keys
+    assert config.resolve("smol", "rag")["generator"] == "artifact:dpo_model"
+    agent = config.resolve("smol", "agent")
+    assert agent["mode"] == "llm" and agent["llm_model"] == "artifact:dpo_model"
+    assert config.resolve("smol", "sft")["grounded_rows"] > 0 and config.resolve("tiny", "sft")["grounded_rows"] == 0
 
 
 def test_makefile_installs_the_pinned_wheel_without_dependencies():
