@@ -258,7 +258,10 @@ def _smol_profile() -> dict[str, Any]:
     st = p["stages"]
     # grounded rows (06's evidence format, ~400 tokens each) are ~30% of the mix: about 140 of the
     # 480 rows 60 steps see, enough for SmolLM2 to start citing [E#] (it cites nothing untrained)
-    st["sft"].update(base_model=smol, max_steps=60, batch_size=8, seq_len=448, lr=5e-4, grounded_rows=2400,
+    # batches of 4 x 2 accumulated: SmolLM2's 49k-token vocabulary makes the logits the largest
+    # activation (8 x 448 positions x 49,152 x 4 bytes = 0.7 GB per copy); 3 evaluations, not 6
+    st["sft"].update(base_model=smol, max_steps=60, batch_size=4, grad_accum=2, eval_steps=20, seq_len=448, lr=5e-4,
+                     grounded_rows=2400,
                      lora={"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": _LLAMA_ALL})
     st["dpo"].update(max_steps=30, batch_size=4, seq_len=192, lr=5e-5, beta=0.1,
                      lora={"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": _LORA_QKVO})

@@ -57,7 +57,7 @@ def sft_config(cfg: dict[str, Any], out_dir: str | Path, eval_steps: int | None 
     from trl import SFTConfig
 
     steps = cfg["max_steps"]
-    eval_steps = eval_steps or max(10, steps // 6)
+    eval_steps = eval_steps or cfg.get("eval_steps") or max(10, steps // 6)
     args = dict(output_dir=str(out_dir), max_steps=steps, per_device_train_batch_size=cfg["batch_size"],
                 per_device_eval_batch_size=cfg["batch_size"], gradient_accumulation_steps=cfg.get("grad_accum", 1),
                 learning_rate=cfg["lr"], lr_scheduler_type="cosine", warmup_steps=max(1, steps // 20),
