@@ -44,7 +44,7 @@ def make_trainer(model, tok, train_rows, eval_rows, cfg: dict[str, Any], out_dir
     args = dict(output_dir=str(out_dir), max_steps=steps, per_device_train_batch_size=cfg["batch_size"],
                 per_device_eval_batch_size=cfg["batch_size"], gradient_accumulation_steps=cfg.get("grad_accum", 1),
                 learning_rate=cfg["lr"], lr_scheduler_type="cosine", warmup_steps=max(1, steps // 20),
-                logging_steps=max(1, steps // 30), eval_strategy="steps", eval_steps=max(10, steps // 2),
+                logging_steps=max(1, steps // 30), eval_strategy="steps", eval_steps=cfg.get("eval_steps") or max(10, steps // 2),
                 save_strategy="no", beta=cfg["beta"], loss_type=[cfg["loss_type"]], max_length=cfg["seq_len"],
                 report_to="none", seed=cfg.get("seed", 0), use_cpu=cfg["device"] == "cpu",
                 gradient_checkpointing=cfg.get("gradient_checkpointing", False),
