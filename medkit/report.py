@@ -164,6 +164,48 @@ def write_results(run: str | Path | None = None, out: str | Path | None = None) 
     return out
 
 
+def header_cell(summary: dict[str, Any], name: str, source: str) -> str:
+    """The "time" and "memory" cells of a notebook's row for the run's profile, from the run."""
+    nb = next((n for n in summary["notebooks"] if n["name"] == name), None)
+    if nb is None or nb["status"] != "ok":
+        raise ResultsError(f"{source}: notebook {name} did not finish in run {summary['run_id']}")
+    facts = summary.get("machine_facts") or {}
+    where = f"{facts.get('cores', '?')}-core {facts.get('cpu_model') or 'CPU'}"
+    return (f"{nb['seconds'] / 60:.1f} min (run `{summary['run_id']}`, {str(summary.get('started', ''))[:10]}, {where}) | "
+            f"peak RSS {nb['peak_rss_mb'] / 1024:.1f} GB")
+
+
+def write_headers(run: str | Path, notebooks_dir: str | Path | None = None) -> list[Path]:
+    """Rewrite the time and memory cells (the last two) of the run's profile row (a table row starting with
+    ``| `<profile>` ``) in the first cell of every notebook the run finished. Returns the
+    notebooks changed; a notebook without that row is an error naming it."""
+    from . import paths
+
+    summary, src = load_summary(run)
+    folder = Path(notebooks_dir) if notebooks_dir else paths.repo_root() / "notebooks"
+    prefix = f"| `{summary['profile']}`"
+    changed = []
+    for nb in summary["notebooks"]:
+        path = folder / f"{nb['name']}.ipynb"
+        if nb["status"] != "ok" or not path.exists():
+            continue
+        book = json.loads(path.read_text())
+        lines = "".join(book["cells"][0]["source"]).split("\n")
+        rows = [i for i, line in enumerate(lines) if line.startswith(prefix)]
+        if not rows:
+            raise ResultsError(f"{path}: no header row for profile `{summary['profile']}` (a line starting with {prefix!r})")
+        cells = [c.strip() for c in lines[rows[0]].strip().strip("|").split("|")]
+        if len(cells) < 3:
+            raise ResultsError(f"{path}: the `{summary['profile']}` header row has {len(cells)} columns, expected "
+                               "at least 3 (the last two are time and memory)")
+        lines[rows[0]] = "| " + " | ".join(cells[:-2]) + f" | {header_cell(summary, nb['name'], str(src))} |"
+        text = "\n".join(lines)
+        book["cells"][0]["source"] = text.splitlines(keepends=True)
+        path.write_text(json.dumps(book, indent=1, ensure_ascii=False) + "\n")
+        changed.append(path)
+    return changed
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m medkit.report", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -171,8 +213,14 @@ def main(argv: list[str] | None = None) -> int:
     res = sub.add_parser("results", help="write the results document from a run's summary.json")
     res.add_argument("--run", help="a run folder or its summary.json (default: outputs/latest)")
     res.add_argument("--out", help="where to write it (default: docs/RESULTS.md)")
+    hd = sub.add_parser("headers", help="write each notebook's time and peak memory for the run's profile")
+    hd.add_argument("--run", required=True, help="a run folder or its summary.json")
     args = ap.parse_args(argv)
     try:
+        if args.command == "headers":
+            for path in write_headers(args.run):
+                print(f"updated {path}")
+            return 0
         path = write_results(args.run, args.out)
     except ResultsError as exc:
         print(f"error: {exc}", file=sys.stderr)

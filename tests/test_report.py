@@ -84,3 +84,26 @@ def test_machine_facts_read_cpu_flags(tmp_path):
     f = run.machine_facts(tmp_path / "absent")
     assert f["avx2"] is None and f["avx512"] is None  # unknown, not guessed
     assert f["load_avg_start"] is None or len(f["load_avg_start"]) == 3
+
+
+def test_headers_write_the_profile_row_from_the_run_and_leave_the_rest(tmp_path):
+    summary = {"run_id": "smol-x", "profile": "smol", "started": "2026-12-05T08:00:00+00:00",
+               "machine_facts": {"cores": 2, "cpu_model": "Test CPU"},
+               "notebooks": [{"name": "02_sft", "status": "ok", "seconds": 600.0, "peak_rss_mb": 3072.0, "metrics": {}},
+                             {"name": "03_dpo", "status": "failed", "seconds": 5.0, "peak_rss_mb": 100.0, "metrics": {}}]}
+    (tmp_path / "summary.json").write_text(json.dumps(summary))
+    nbs = tmp_path / "nb"
+    nbs.mkdir()
+    head = ("# 02\n\n| profile | models | time | memory |\n| --- | --- | --- | --- |\n"
+            "| `tiny` (2-core CPU) | tiny | minutes | small |\n| `smol` (2-core CPU) | SmolLM2 | to measure | to measure |\n")
+    for name in ("02_sft", "03_dpo"):
+        (nbs / f"{name}.ipynb").write_text(json.dumps({"cells": [{"cell_type": "markdown", "source": [head]}]}))
+    changed = report.write_headers(tmp_path, nbs)
+    assert changed == [nbs / "02_sft.ipynb"]  # the failed notebook is left as it was
+    text = "".join(json.loads((nbs / "02_sft.ipynb").read_text())["cells"][0]["source"])
+    assert "| `smol` (2-core CPU) | SmolLM2 | 10.0 min (run `smol-x`, 2026-12-05, 2-core Test CPU) | peak RSS 3.0 GB |" in text
+    assert "| `tiny` (2-core CPU) | tiny | minutes | small |" in text
+    assert json.loads((nbs / "03_dpo.ipynb").read_text())["cells"][0]["source"] == [head]
+    (nbs / "02_sft.ipynb").write_text(json.dumps({"cells": [{"cell_type": "markdown", "source": ["# no table\n"]}]}))
+    with pytest.raises(report.ResultsError, match=r"02_sft.ipynb: no header row for profile `smol`"):
+        report.write_headers(tmp_path, nbs)
