@@ -161,8 +161,24 @@ def _rss() -> int:
     return psutil.Process().memory_info().rss
 
 
+def _release_freed_memory() -> None:
+    """Hand memory that Python and torch have freed back to the operating system (glibc keeps
+    freed blocks in the process otherwise, and RSS would still count them)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (macOS, musl): RSS may then keep the load's peak
+        pass
+
+
 def _measure_child(conn, path, cfg, quantized, rows, steps):
-    """In a child process: RSS before loading, then the peak while loading and training."""
+    """In a child process: RSS before loading; the peak while loading (the 4-bit path reads
+    full-precision weights before quantising them); then, once what loading freed is handed back,
+    the peak while training (weights, LoRA, optimiser state and activations), both above the
+    starting point."""
     import gc
 
     import bitsandbytes  # noqa: F401 - the libraries are loaded before the baseline is read,
@@ -175,12 +191,14 @@ def _measure_child(conn, path, cfg, quantized, rows, steps):
 
     gc.collect()
     base = _rss()
-    peak = [base]
+    peak = {"load": base}
+    phase = ["load"]  # the poller writes only the current phase's peak: no reset races with it
     done = threading.Event()
 
     def poll():
         while not done.is_set():
-            peak[0] = max(peak[0], _rss())
+            key = phase[0]
+            peak[key] = max(peak.get(key, base), _rss())
             time.sleep(0.002)
 
     t = threading.Thread(target=poll, daemon=True)
@@ -190,6 +208,9 @@ def _measure_child(conn, path, cfg, quantized, rows, steps):
         weights = weight_footprint(model)
         model = add_lora(model, cfg["lora"], quantized, cfg.get("gradient_checkpointing", False))
         after_load = _rss()
+        _release_freed_memory()
+        peak["train"] = _rss()
+        phase[0] = "train"  # from here on: the training peak
         x, attn, y = encode_completions(tok, mcq.prompts(rows), [mcq.target_text(r) for r in rows], cfg["device"])
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg["lr"])
         model.train()
@@ -200,12 +221,13 @@ def _measure_child(conn, path, cfg, quantized, rows, steps):
             opt.step()
             opt.zero_grad(set_to_none=True)
             losses.append(loss.item())
-        peak[0] = max(peak[0], _rss())
+        peak["train"] = max(peak["train"], _rss())
         done.set()
         t.join()
         gpu_peak = torch.cuda.max_memory_allocated() / 2**20 if cfg["device"] == "cuda" else None
         conn.send({"weights_model_mb": weights["model_mb"], "weights_linear_mb": weights["linear_mb"],
-                   "load_mb": (after_load - base) / 2**20, "train_peak_mb": (peak[0] - base) / 2**20,
+                   "load_mb": (after_load - base) / 2**20, "load_peak_mb": (peak["load"] - base) / 2**20,
+                   "train_peak_mb": (peak["train"] - base) / 2**20,
                    "gpu_peak_mb": gpu_peak, "losses": losses})
     except Exception as exc:  # noqa: BLE001 - report it to the parent, which raises
         conn.send({"error": f"{type(exc).__name__}: {exc}"})
