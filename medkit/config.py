@@ -79,6 +79,10 @@ PROFILES: dict[str, dict[str, Any]] = {
                     "scale_sizes": [1000, 10000, 50000], "medquad_limit": 1500, "pubmedqa_model": None,
                     # MedQuAD leave-one-source-out: tuning questions per fold for the reranker trained there
                     "lso_tune_questions": 200,
+                    # ... and that reranker (medkit.rag.lso.ENCODER_RERANK): MiniLM fine-tuned per fold,
+                    # its cost bounded by steps x batch_size (06 keeps its extra time under ~90 s)
+                    "lso_reranker": {"method": "encoder", "steps": 10, "batch_size": 16, "max_seq_length": 64,
+                                     "train_layers": 3, "pool": 20, "blend": 0.4, "cost_queries": 30},
                     # no LLM on this profile: 06 answers extractively (medkit.rag.answer.load_generator)
                     "generator": None},
             # 07_agent: rule- and KB-driven draft/audit/refine and extractive summary memory (the tiny

@@ -29,6 +29,7 @@ def main(argv=None) -> int:
                          "default: medkit.rag.lso.ENCODER_RERANK)")
     ev.add_argument("--rerank-pool", type=int, default=None, help="lso encoder reranker: hybrid candidates re-scored")
     ev.add_argument("--rerank-blend", type=float, default=None, help="lso encoder reranker: weight of the hybrid score")
+    ev.add_argument("--compare-blends", default="", help="lso encoder reranker: other blends scored beside it, e.g. 0,0.2")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--embedder", default="offline-minilm:int8", help="offline-minilm[:int8] or a hub id")
     sc = sub.add_parser("scale", help="build time and query latency as the corpus grows (course chunks, copied)")
@@ -65,7 +66,8 @@ def main(argv=None) -> int:
             return 2
         retriever, _ = lso.index(rows, encoder, dense.chroma_client())
         rr_cfg = {"method": args.rerank_method, **{k: v for k, v in (("steps", args.rerank_steps), ("pool", args.rerank_pool),
-                                                                       ("blend", args.rerank_blend)) if v is not None}}
+                                                                       ("blend", args.rerank_blend)) if v is not None},
+                  "compare_blends": [float(b) for b in args.compare_blends.split(",") if b.strip()]}
         result = lso.run(rows, retriever, use_rerank=args.rerank, tune_limit=args.tune_limit, seed=args.seed,
                          log=lambda m: print(m, file=sys.stderr), reranker=rr_cfg)
         out.update(result, recall5_by_fold=lso.fold_table(result), recall1_by_fold=lso.fold_table(result, "recall@1"))

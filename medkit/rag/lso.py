@@ -98,8 +98,9 @@ def tune_weight(bm, dn, idx: list[int], gold: list[str], grid=(0.0, 0.05, 0.1, 0
 
 # the per-fold reranker: MiniLM fine-tuned on the tuning sources (medkit.rag.encoder_rerank), its
 # cost bounded by steps x batch_size; the rag section of medkit.config sets these per profile
-ENCODER_RERANK = {"method": "encoder", "steps": 60, "batch_size": 16, "max_seq_length": 64, "lr": 1e-4,
-                  "train_layers": 3, "pool": 20, "blend": 0.2, "int8": True, "cost_queries": 50}
+ENCODER_RERANK = {"method": "encoder", "steps": 30, "batch_size": 16, "max_seq_length": 64, "lr": 1e-4,
+                  "train_layers": 3, "pool": 20, "blend": 0.4, "int8": True, "cost_queries": 50,
+                  "compare_blends": []}
 
 
 def run(rows: list[dict[str, Any]], retriever: pipeline.HybridRetriever, use_rerank: bool = False,
@@ -163,6 +164,10 @@ def run(rows: list[dict[str, Any]], retriever: pipeline.HybridRetriever, use_rer
                 seed=seed, log=log)
             rr = encoder_rerank.EncoderReranker(encoder_rerank.for_inference(model, rr_cfg["int8"]), rr_cfg["blend"])
             rankers["hybrid + rerank"] = lambda i, rr=rr: reranked(rr, i, rr_cfg["pool"])
+            for b in rr_cfg["compare_blends"]:  # the same fine-tuned model, other blends (vectors shared)
+                other = encoder_rerank.EncoderReranker(rr.model, b)
+                other._vec = rr._vec
+                rankers[f"hybrid + rerank (blend {b})"] = lambda i, other=other: reranked(other, i, rr_cfg["pool"])
             # the cost a query pays: the query and its pool embedded afresh (no stored fine-tuned vectors)
             cold = encoder_rerank.EncoderReranker(rr.model, rr_cfg["blend"], cache=False)
             for i in f.test[: rr_cfg["cost_queries"]]:
