@@ -49,7 +49,7 @@ PROFILES: dict[str, dict[str, Any]] = {
                     "batch_size": 16, "seq_len": 256, "lr": 3e-3,
                     # rows in 06's evidence format that teach [E#] citations (medkit.train.grounded);
                     # none here: a 1M-parameter model cannot read evidence, 06 answers extractively
-                    "grounded_rows": 0,
+                    "grounded_rows": 0, "grounded_abstain_share": 0.2,
                     # a 2-layer model keeps most of its capacity in the MLPs: adapt every linear layer
                     "lora": {"r": 64, "alpha": 128, "dropout": 0.05, "target_modules": _LLAMA_ALL}},
             "t5": {"base_model": "tiny:t5", "dataset": "course:qa", "max_steps": 150,
@@ -84,6 +84,10 @@ PROFILES: dict[str, dict[str, Any]] = {
                     "scale_sizes": [1000, 10000, 50000], "medquad_limit": 1500, "pubmedqa_model": None,
                     # MedQuAD leave-one-source-out: tuning questions per fold for the reranker trained there
                     "lso_tune_questions": 200,
+                    # ... and that reranker: the query adapter in 06 on this profile. The MiniLM fine-tuned per
+                    # fold (medkit.rag.encoder_rerank, `python -m medkit.rag evaluate --rerank`) took 45-75 s per
+                    # fold in 06 on 2 loaded cores, 8-10 min for the 7 folds: too slow for the CI course run
+                    "lso_reranker": {"method": "query-adapter"},
                     # no LLM on this profile: 06 answers extractively (medkit.rag.answer.load_generator)
                     "generator": None,
                     # held-out course questions 06 answers (with the citation check) after retrieval
@@ -123,7 +127,7 @@ PROFILES: dict[str, dict[str, Any]] = {
             "data": {"source": "hf", "augment_factor": 2},
             "sft": {"base_model": "Qwen/Qwen2.5-0.5B-Instruct", "dataset": "course:qa",
                     "max_steps": 500, "batch_size": 8, "grad_accum": 2, "seq_len": 512, "lr": 2e-4,
-                    "grounded_rows": 2000,
+                    "grounded_rows": 2000, "grounded_abstain_share": 0.2,
                     "gradient_checkpointing": True,
                     "lora": {"r": 64, "alpha": 128, "dropout": 0.05, "target_modules": _LORA_QKVO}},
             "t5": {"base_model": "google/flan-t5-small", "dataset": "course:qa", "max_steps": 500,
@@ -186,7 +190,7 @@ PROFILES: dict[str, dict[str, Any]] = {
             # tokens the loss's logits alone (Qwen's 152k vocabulary) take 23 GiB (medkit.memplan)
             "sft": {"base_model": "Qwen/Qwen2.5-0.5B-Instruct", "dataset": "course:qa",
                     "max_steps": 1000, "batch_size": 4, "grad_accum": 4, "seq_len": 1024, "lr": 2e-4,
-                    "grounded_rows": 2000,
+                    "grounded_rows": 2000, "grounded_abstain_share": 0.2,
                     "gradient_checkpointing": True,
                     "lora": {"r": 64, "alpha": 128, "dropout": 0.05, "target_modules": _LORA_QKVO}},
             "t5": {"base_model": "google/flan-t5-small", "dataset": "course:qa", "max_steps": 1000,
@@ -258,10 +262,14 @@ def _smol_profile() -> dict[str, Any]:
     st = p["stages"]
     # grounded rows (06's evidence format, ~400 tokens each) are ~30% of the mix: about 140 of the
     # 480 rows 60 steps see, enough for SmolLM2 to start citing [E#] (it cites nothing untrained)
-    # batches of 4 x 2 accumulated: SmolLM2's 49k-token vocabulary makes the logits the largest
-    # activation (8 x 448 positions x 49,152 x 4 bytes = 0.7 GB per copy); 3 evaluations, not 6
-    st["sft"].update(base_model=smol, max_steps=60, batch_size=4, grad_accum=2, eval_steps=20, seq_len=448, lr=5e-4,
-                     grounded_rows=2400,
+    # No abstention rows: with a fifth of them, the 60-step model answered "Not enough evidence" to
+    # 10 of 10 answerable held-out evidence prompts (run smol-final); 06 abstains on its calibrated
+    # retrieval score instead.
+    # Memory: 2 steps of batch 4 x 448 tokens peaked 7.6 GB above the model, 4.5 GB with gradient
+    # checkpointing (SmolLM2's 49k-token logits: 4 x 448 x 49,152 x 4 bytes = 0.35 GB per copy), so
+    # batches of 2 x 4 accumulated, with checkpointing; 3 evaluations, not 6
+    st["sft"].update(base_model=smol, max_steps=60, batch_size=2, grad_accum=4, eval_steps=20, seq_len=448, lr=5e-4,
+                     gradient_checkpointing=True, grounded_rows=2400, grounded_abstain_share=0.0,
                      lora={"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": _LLAMA_ALL})
     # lr 5e-5 moved every implicit-reward margin the right way (accuracy 0 -> 1.0) but flipped no
     # likelihood preference (0.70 -> 0.70, run smol-a): a LoRA on q/k/v/o needs a larger step

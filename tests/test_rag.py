@@ -317,7 +317,9 @@ def test_leave_one_source_out_scores_the_pipeline_and_never_trains_on_the_scored
         seen.append((list(questions), set(texts)))
         return real(questions, positives, texts, bm25, **kw)
     monkeypatch.setattr(rerank, "hard_negative_triplets", spy)
-    res = lso.run(rows, retriever, use_rerank=True, adapter={"epochs": 5}, log=lambda m: None)
+    res = lso.run(rows, retriever, use_rerank=True, adapter={"epochs": 5}, log=lambda m: None,
+                  reranker={"method": "query-adapter"})
+    assert len(seen) == 3  # one training set per fold
     names = {m["retriever"] for m in res["mean"]}
     assert {"bm25", "dense", "hybrid", "hybrid (RRF)", "hybrid + rerank"} <= names
     assert [f for f in res["fold_sizes"]] == ["A", "B", "C"] and res["mean"][0]["folds"] == 3
@@ -342,12 +344,68 @@ def test_evaluate_cli_runs_leave_one_source_out_with_the_reranker(tmp_path, caps
 
     f = tmp_path / "mq.jsonl"
     f.write_text("".join(json.dumps({**r, "source": r.pop("medquad_source")}) + "\n" for r in _lso_rows()))
-    assert main(["evaluate", "--data", str(f), "--rerank", "--embedder", "offline-minilm"]) == 0
+    assert main(["evaluate", "--data", str(f), "--rerank", "--rerank-steps", "2", "--embedder", "offline-minilm"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["protocol"] == "leave-one-source-out" and out["rows"] == 9
     rows = {r["retriever"]: r for r in out["recall5_by_fold"]}
     assert set(rows["hybrid + rerank"]) == {"retriever", "A", "B", "C", "mean"}
-    assert out["reranker"]["training_data"]
+    assert out["reranker"]["training_data"] and out["reranker"]["steps"] == 2
+    assert len(out["reranker"]["per_fold"]) == 3 and out["reranker"]["query_ms_p95"] > 0
+
+
+def test_lso_encoder_reranker_never_receives_the_held_out_source(monkeypatch, tmp_path):
+    """What the fine-tuning receives, fold by fold: no held-out question, no held-out answer (as a
+    positive, a hard negative or anywhere in the passages it may read)."""
+    from medkit.rag import encoder_rerank, lso
+
+    rows = _lso_rows()
+    retriever, _ = lso.index(rows, dense.load_encoder(), dense.chroma_client(tmp_path / "lso_enc"))
+    seen = []
+    real = encoder_rerank.finetune
+
+    def spy(triplets, texts, **kw):
+        seen.append(([dict(t) for t in triplets], dict(texts), kw))
+        return real(triplets, texts, **kw)
+    monkeypatch.setattr(encoder_rerank, "finetune", spy)
+    res = lso.run(rows, retriever, use_rerank=True, log=lambda m: None,
+                  reranker={"steps": 2, "batch_size": 2, "pool": 5, "cost_queries": 2})
+    assert len(seen) == 3 and res["reranker"]["method"].startswith("all-MiniLM-L6-v2 fine-tuned")
+    for (trip, texts, kw), fold in zip(seen, lso.folds(rows)):
+        held = [r for r in rows if r["medquad_source"] == fold.source]
+        held_ids, held_q = {r["id"] for r in held}, {r["question"] for r in held}
+        assert trip and kw["steps"] == 2 and kw["batch_size"] == 2
+        assert not {t["anchor"] for t in trip} & held_q
+        used = {t["positive_id"] for t in trip} | {n for t in trip for n in t["negative_ids"]}
+        assert not used & held_ids and not set(texts) & held_ids
+        assert not set(texts.values()) & {retriever.texts[i] for i in held_ids}
+    assert len(res["reranker"]["per_fold"]) == 3 and res["reranker"]["query_ms_p95"] > 0
+
+
+def test_encoder_reranker_hard_negatives_and_reordering():
+    from medkit.rag import encoder_rerank
+
+    texts = {"a.sym": "Asthma symptoms are wheeze and cough.", "a.tx": "Asthma is treated with inhalers.",
+             "g.sym": "Gout causes a hot swollen big toe.", "dup": "Asthma symptoms are wheeze and cough."}
+    focus = {"a.sym": "asthma", "a.tx": "asthma", "g.sym": "gout", "dup": "asthma"}
+
+    class Bm25:
+        def search(self, q, k):
+            return [("dup", 3.0), ("a.sym", 2.0), ("g.sym", 1.0), ("held.out", 0.5)]
+    trip = encoder_rerank.training_triplets(["What are the symptoms of asthma?"], ["a.sym"], texts, focus, Bm25())
+    # same focus, different text (the duplicate of the positive is never a negative); BM25's best wrong one
+    assert trip[0]["negative_ids"] == ["a.tx", "g.sym"]
+
+    class Model:  # cosine: the query is nearest to "b", which the hybrid ranked last
+        vec = {"q": [1.0, 0.0], "A": [0.0, 1.0], "B": [0.9, 0.1], "C": [0.5, 0.5]}
+
+        def encode(self, strings, **kw):
+            v = np.array([self.vec[s] for s in strings], dtype=np.float32)
+            return v / np.linalg.norm(v, axis=1, keepdims=True)
+    cands = [("a", 0.9), ("c", 0.8), ("b", 0.1)]
+    docs = {"a": "A", "b": "B", "c": "C"}
+    assert [d for d, _ in encoder_rerank.EncoderReranker(Model(), blend=0.0).rerank("q", cands, docs)] == ["b", "c", "a"]
+    # blend 1: the hybrid's order is kept
+    assert [d for d, _ in encoder_rerank.EncoderReranker(Model(), blend=1.0).rerank("q", cands, docs)] == ["a", "c", "b"]
 
 
 def test_abstention_threshold_is_calibrated_between_answerable_and_off_topic_scores():

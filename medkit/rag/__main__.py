@@ -17,11 +17,19 @@ def main(argv=None) -> int:
     ev.add_argument("--data", required=True, help="jsonl/csv/parquet with question and answer fields")
     ev.add_argument("--limit", type=int, default=None, help="score a seeded random sample of N rows")
     ev.add_argument("--rerank", action="store_true",
-                    help="also score hybrid + rerank (a query adapter trained per fold on the tuning sources only)")
+                    help="also score hybrid + rerank (lso: MiniLM fine-tuned per fold on the tuning sources only)")
     ev.add_argument("--protocol", choices=("auto", "lso", "split"), default="auto",
                     help="lso: leave one source out (needs a `source` per row; auto picks it when there are "
                          ">= 2 sources); split: one dev/test split grouped by focus")
     ev.add_argument("--tune-limit", type=int, default=1500, help="tuning questions per fold (fusion weight, reranker)")
+    ev.add_argument("--rerank-method", choices=("encoder", "query-adapter"), default="encoder",
+                    help="lso: MiniLM fine-tuned per fold (default) or the older query adapter")
+    ev.add_argument("--rerank-steps", type=int, default=None,
+                    help="lso encoder reranker: training steps per fold (its cost budget; "
+                         "default: medkit.rag.lso.ENCODER_RERANK)")
+    ev.add_argument("--rerank-pool", type=int, default=None, help="lso encoder reranker: hybrid candidates re-scored")
+    ev.add_argument("--rerank-blend", type=float, default=None, help="lso encoder reranker: weight of the hybrid score")
+    ev.add_argument("--compare-blends", default="", help="lso encoder reranker: other blends scored beside it, e.g. 0,0.2")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--embedder", default="offline-minilm:int8", help="offline-minilm[:int8] or a hub id")
     sc = sub.add_parser("scale", help="build time and query latency as the corpus grows (course chunks, copied)")
@@ -57,8 +65,11 @@ def main(argv=None) -> int:
             print(json.dumps({"error": f"{args.data}: {exc}"}))
             return 2
         retriever, _ = lso.index(rows, encoder, dense.chroma_client())
+        rr_cfg = {"method": args.rerank_method, **{k: v for k, v in (("steps", args.rerank_steps), ("pool", args.rerank_pool),
+                                                                       ("blend", args.rerank_blend)) if v is not None},
+                  "compare_blends": [float(b) for b in args.compare_blends.split(",") if b.strip()]}
         result = lso.run(rows, retriever, use_rerank=args.rerank, tune_limit=args.tune_limit, seed=args.seed,
-                         log=lambda m: print(m, file=sys.stderr))
+                         log=lambda m: print(m, file=sys.stderr), reranker=rr_cfg)
         out.update(result, recall5_by_fold=lso.fold_table(result), recall1_by_fold=lso.fold_table(result, "recall@1"))
     else:
         out["results"] = evaluate.medquad_eval(rows, encoder, dense.chroma_client(), rerank_train=args.rerank,

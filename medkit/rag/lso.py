@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from . import fusion, metrics, pipeline, rerank
+from . import encoder_rerank, fusion, metrics, pipeline, rerank
 
 SOURCE_KEY, GROUP_KEY = "medquad_source", "topic"
 
@@ -96,18 +96,33 @@ def tune_weight(bm, dn, idx: list[int], gold: list[str], grid=(0.0, 0.05, 0.1, 0
     return best[1]
 
 
+# the per-fold reranker: MiniLM fine-tuned on the tuning sources (medkit.rag.encoder_rerank), its
+# cost bounded by steps x batch_size; the rag section of medkit.config sets these per profile
+ENCODER_RERANK = {"method": "encoder", "steps": 30, "batch_size": 16, "max_seq_length": 64, "lr": 1e-4,
+                  "train_layers": 3, "pool": 20, "blend": 0.4, "int8": True, "cost_queries": 50,
+                  "compare_blends": []}
+
+
 def run(rows: list[dict[str, Any]], retriever: pipeline.HybridRetriever, use_rerank: bool = False,
         tune_limit: int = 1500, adapter: dict | None = None, extra_rerankers: dict[str, Any] | None = None,
-        seed: int = 0, log: Callable[[str], None] = print) -> dict[str, Any]:
+        seed: int = 0, log: Callable[[str], None] = print, reranker: dict | None = None) -> dict[str, Any]:
     """Score every fold. ``retriever`` indexes every row's answer under the row's id (see
     :func:`index`). Rows scored per fold: bm25, dense, hybrid (the pipeline's fusion and default
     weights: what users get), hybrid with the weight tuned on the tuning sources, hybrid (RRF),
-    and with ``use_rerank`` the hybrid's top ``rerank_pool`` re-scored by a query adapter trained
-    per fold on at most ``tune_limit`` tuning questions (``adapter``: epochs, lr). Each entry of
+    and with ``use_rerank`` the per-fold reranker (``reranker``: settings over
+    :data:`ENCODER_RERANK`): by default MiniLM fine-tuned on at most ``tune_limit`` tuning questions
+    (and ``steps`` x ``batch_size`` examples) re-scores the hybrid's top ``pool``
+    (:mod:`medkit.rag.encoder_rerank`); ``{"method": "query-adapter"}`` is the older query adapter
+    (``adapter``: epochs, lr) over the top ``rerank_pool``. Each entry of
     ``extra_rerankers`` (name -> a query-adapter weight trained elsewhere, e.g. on the course's
     questions, or a reranker object such as a pretrained cross-encoder) re-scores the same pool on
     every fold. Returns ``{"folds": [...], "mean": [...], ...}``."""
     adapter = {"epochs": 100, "lr": 1e-2, **(adapter or {})}
+    rr_cfg = {**ENCODER_RERANK, **(reranker or {})}
+    if rr_cfg["method"] not in ("encoder", "query-adapter"):
+        raise ValueError(f"reranker method {rr_cfg['method']!r}: expected 'encoder' or 'query-adapter'")
+    focus = {r["id"]: str(r.get(GROUP_KEY) or r["id"]).lower() for r in rows}
+    rr_cost: list[float] = []
     fl = folds(rows)
     questions, gold = [r["question"] for r in rows], [r["id"] for r in rows]
     bm, dn, qvec = _pools(retriever, questions, log)
@@ -126,8 +141,8 @@ def run(rows: list[dict[str, Any]], retriever: pipeline.HybridRetriever, use_rer
     def hybrid(i: int) -> list[str]:
         return [x for x, _ in fused(i, k)]
 
-    def reranked(rr, i: int) -> list[str]:  # HybridRetriever.search, mode "rerank"
-        return [x for x, _ in rr.rerank(questions[i], fused(i, max(k, pool_k)), texts)][:k]
+    def reranked(rr, i: int, pool: int = pool_k) -> list[str]:  # HybridRetriever.search, mode "rerank"
+        return [x for x, _ in rr.rerank(questions[i], fused(i, max(k, pool)), texts)][:k]
 
     for f in fl:
         tune_idx = [int(i) for i in rng.permutation(f.tune)[:tune_limit]]
@@ -137,7 +152,33 @@ def run(rows: list[dict[str, Any]], retriever: pipeline.HybridRetriever, use_rer
             "hybrid": hybrid,
             "hybrid, weight tuned on the tuning sources": lambda i, w=w_tuned: _weighted(bm[i], dn[i], w, k),
             "hybrid (RRF)": lambda i: [x for x, _ in fusion.reciprocal_rank_fusion([bm[i], dn[i]], top=k)]}
-        if use_rerank:
+        if use_rerank and rr_cfg["method"] == "encoder":
+            t = time.perf_counter()
+            tune_texts = {gold[i]: texts[gold[i]] for i, r in enumerate(rows) if r[SOURCE_KEY] != f.source}
+            budget = tune_idx[: rr_cfg["steps"] * rr_cfg["batch_size"]]
+            trip = encoder_rerank.training_triplets([questions[i] for i in budget], [gold[i] for i in budget],
+                                                    tune_texts, focus, retriever.bm25, seed=seed)
+            model, rep = encoder_rerank.finetune(
+                trip, tune_texts, steps=rr_cfg["steps"], batch_size=rr_cfg["batch_size"],
+                max_seq_length=rr_cfg["max_seq_length"], lr=rr_cfg["lr"], train_layers=rr_cfg["train_layers"],
+                seed=seed, log=log)
+            rr = encoder_rerank.EncoderReranker(encoder_rerank.for_inference(model, rr_cfg["int8"]), rr_cfg["blend"])
+            rankers["hybrid + rerank"] = lambda i, rr=rr: reranked(rr, i, rr_cfg["pool"])
+            for b in rr_cfg["compare_blends"]:  # the same fine-tuned model, other blends (vectors shared)
+                other = encoder_rerank.EncoderReranker(rr.model, b)
+                other._vec = rr._vec
+                rankers[f"hybrid + rerank (blend {b})"] = lambda i, other=other: reranked(other, i, rr_cfg["pool"])
+            # the cost a query pays: the query and its pool embedded afresh (no stored fine-tuned vectors)
+            cold = encoder_rerank.EncoderReranker(rr.model, rr_cfg["blend"], cache=False)
+            for i in f.test[: rr_cfg["cost_queries"]]:
+                cands = fused(i, rr_cfg["pool"])
+                t1 = time.perf_counter()
+                cold.rerank(questions[i], cands, texts)
+                rr_cost.append((time.perf_counter() - t1) * 1000)
+            rerank_info.append({"fold": f.source, "train_questions": len(trip), "train_s": rep["train_s"],
+                                "steps": rep["steps"], "loss_first": rep["loss_first"], "loss_last": rep["loss_last"],
+                                "fold_s": time.perf_counter() - t})
+        elif use_rerank:
             t = time.perf_counter()
             tune_texts = {gold[i]: texts[gold[i]] for i, r in enumerate(rows) if r[SOURCE_KEY] != f.source}
             trip = rerank.hard_negative_triplets([questions[i] for i in tune_idx], [{gold[i]} for i in tune_idx],
@@ -169,12 +210,28 @@ def run(rows: list[dict[str, Any]], retriever: pipeline.HybridRetriever, use_rer
             "fold_sizes": {f.source: {"scored": len(f.test), "tuning_pool": len(f.tune)} for f in fl},
             "hybrid_minus_dense_recall5_min": float(min(gap)),
             "fusion": {"rule": retriever.fusion, "weights": list(retriever.weights)},
-            "reranker": None if not use_rerank else {
+            "reranker": None if not use_rerank else _encoder_report(rr_cfg, tune_limit, rerank_info, rr_cost)
+            if rr_cfg["method"] == "encoder" else {
                 "method": "query adapter (linear map on the frozen MiniLM query embedding), trained per fold",
                 "training_data": f"per fold: up to {tune_limit} questions of the other sources (foci of the held-out "
                                  "source removed), their own answer as positive and a BM25 hard negative drawn "
                                  "from the other sources' answers only; the held-out source is never seen",
                 "pool": pool_k, **adapter, "per_fold": rerank_info}}
+
+
+def _encoder_report(cfg: dict, tune_limit: int, per_fold: list[dict], cost_ms: list[float]) -> dict[str, Any]:
+    n = min(tune_limit, cfg["steps"] * cfg["batch_size"])
+    return {"method": f"all-MiniLM-L6-v2 fine-tuned per fold (top {cfg['train_layers']} layers, multiple-negatives "
+                      f"ranking loss), re-embedding the hybrid's top {cfg['pool']}; score = {cfg['blend']} x hybrid "
+                      f"+ {1 - cfg['blend']:.2f} x fine-tuned cosine (each min-max over the pool)",
+            "training_data": f"per fold: up to {n} questions of the other sources (foci of the held-out source removed), "
+                             f"{cfg['steps']} steps of {cfg['batch_size']}; positive: the question's own answer; hard "
+                             "negatives: another answer of the same focus and the best wrong BM25 answer, both from "
+                             "the other sources' answers only; the held-out source is never seen",
+            **{k: cfg[k] for k in ("steps", "batch_size", "max_seq_length", "lr", "train_layers", "pool", "blend", "int8")},
+            "per_fold": per_fold, "train_s_total": float(sum(r["train_s"] for r in per_fold)),
+            "query_ms_p50": float(np.percentile(cost_ms, 50)) if cost_ms else None,
+            "query_ms_p95": float(np.percentile(cost_ms, 95)) if cost_ms else None, "cost_queries": len(cost_ms)}
 
 
 def index(rows: list[dict[str, Any]], encoder, client, max_words: int = 120) -> tuple[pipeline.HybridRetriever, dict]:

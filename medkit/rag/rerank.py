@@ -12,6 +12,10 @@ trained on the course's training questions against their own passage, a BM25 har
 best-scoring wrong passage) and every other passage of the set. It learns the distinctions the
 hybrid misses (a dose question wants the dose passage, not the overview) in seconds, and re-scores
 the top 10 with the passage vectors already stored in the dense index.
+
+On sources it was not trained on (MedQuAD leave one source out, issue #19) the adapter moved
+recall@1 by less than 0.01; :mod:`medkit.rag.encoder_rerank` fine-tunes MiniLM itself (top layers,
+a bounded number of steps) and is the reranker that ``medkit.rag.lso`` trains per fold.
 """
 from __future__ import annotations
 
