@@ -6,6 +6,7 @@ server itself runs in notebook 09 (tests/test_notebooks.py checks its numbers)."
 import asyncio
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -434,8 +435,27 @@ def test_a_slow_client_gets_408_and_others_are_served(gateway):
         ok = httpx.post(url + "/generate", json={"question": "What is asthma?", "max_length": 2}, timeout=30)
         assert ok.status_code == 200  # the trickling client blocks nobody
         s.settimeout(10)
-        reply = s.recv(4096).decode()
+        reply = _read_response(s)
     assert reply.startswith("HTTP/1.1 408") and "not received within" in reply
+
+
+def _read_response(s: socket.socket) -> str:
+    """One whole HTTP response from a raw socket: its head and body can arrive in separate
+    segments (one recv() got only the head on a loaded CI machine), so read to the stated length."""
+    data = b""
+    while True:
+        head, sep, body = data.partition(b"\r\n\r\n")
+        length = re.search(rb"content-length: *(\d+)", head, re.I)
+        if sep and length and len(body) >= int(length.group(1)):
+            break
+        try:
+            chunk = s.recv(4096)
+        except socket.timeout:
+            break
+        if not chunk:
+            break
+        data += chunk
+    return data.decode(errors="replace")
 
 
 def test_a_stream_may_outlast_the_body_timeout(gateway):
