@@ -20,7 +20,7 @@ from __future__ import annotations
 import random
 from typing import Any
 
-ABSTAIN_REPLY = "Not enough evidence to answer."
+from ..rag.answer import ABSTAIN_REPLY  # the exact reply 06's system prompt asks for
 
 
 def _support(sentence: str, passage: str) -> float:
@@ -56,7 +56,7 @@ def grounded_rows(qa_rows: list[dict[str, Any]], passages: list[dict[str, Any]],
     rows = list(qa_rows)
     rng.shuffle(rows)
     out: list[dict[str, Any]] = []
-    n_abstain = round(n * abstain_share)
+    n_abstain, abstained = round(n * abstain_share), 0
     for r in rows:
         if len(out) >= n:
             break
@@ -65,7 +65,8 @@ def grounded_rows(qa_rows: list[dict[str, Any]], passages: list[dict[str, Any]],
             continue
         gold_id = gold[0]
         topic = topic_of[gold_id]
-        if sum(o["grounded"] == "abstain" for o in out) < n_abstain:
+        if abstained < n_abstain:
+            abstained += 1
             others = [i for i in ids if topic_of[i] != topic]
             ev_ids = rng.sample(others, distractors + 1)
             evidence = answer.make_evidence([(i, 1.0) for i in ev_ids], {i: by_id[i]["text"] for i in ev_ids})
