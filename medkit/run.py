@@ -329,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--from", dest="start", help="start at this notebook")
     ap.add_argument("--list", action="store_true", help="list the notebooks and exit")
     ap.add_argument("--resume", action="store_true",
-                    help="continue the latest run; skip notebooks already done with the same inputs")
+                    help="continue the latest run (or --run-id's); skip notebooks already done with the same inputs")
     ap.add_argument("--compare", metavar="SUMMARY_JSON", help="flag metrics that moved against this run")
     ap.add_argument("--no-run", action="store_true", help="with --compare: compare the latest run only")
     ap.add_argument("--rel-tol", type=float, default=0.10)
@@ -381,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
     previous: dict[str, dict[str, Any]] = {}
     run_dir = None
     if args.resume:
-        run_dir = latest_run(root)
+        run_dir = (root / "runs" / args.run_id) if args.run_id else latest_run(root)
         if run_dir and (run_dir / "summary.json").exists():
             prev = json.loads((run_dir / "summary.json").read_text())
             if prev.get("profile") == args.profile:
@@ -395,6 +395,7 @@ def main(argv: list[str] | None = None) -> int:
         run_dir = root / "runs" / run_id
     run_dir = run_dir.resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
+    _update_latest(run_dir)  # now, so that a run killed part-way is the one --resume continues
     params = {"profile": args.profile, "seed": args.seed, "output_dir": str(run_dir)}
 
     from tqdm.auto import tqdm
@@ -430,6 +431,24 @@ def main(argv: list[str] | None = None) -> int:
         done_file.unlink(missing_ok=True)
         return True
 
+    def write_summary(complete: bool) -> dict[str, Any]:
+        """summary.json as it stands. Written after every notebook (``complete: false``), so a run
+        that is killed keeps what it finished and ``--resume`` skips that work."""
+        merged = []
+        for p in notebooks:  # keep notebooks this invocation did not select (e.g. --only on a resumed run)
+            if p.stem in results:
+                merged.append(results[p.stem].as_summary())
+            elif p.stem in previous:
+                merged.append(previous[p.stem])
+        summary = {"run_id": run_dir.name, "profile": args.profile,
+                   "total_seconds": round(time.perf_counter() - t0, 2),
+                   "machine": _machine(), "started": started, "machine_facts": facts, "jobs": jobs,
+                   "complete": complete, "notebooks": merged}
+        tmp = run_dir / "summary.json.tmp"
+        tmp.write_text(json.dumps(summary, indent=2) + "\n")
+        tmp.replace(run_dir / "summary.json")
+        return summary
+
     def finish(name: str, res: Result) -> None:
         results[name] = res
         if res.status == "ok":
@@ -437,6 +456,7 @@ def main(argv: list[str] | None = None) -> int:
             tqdm.write(f"ok    {name} in {res.seconds:.1f} s, peak {res.peak_rss_mb:.0f} MB")
         else:
             tqdm.write(f"FAIL  {res.error}")
+        write_summary(complete=False)
 
     from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
@@ -470,19 +490,7 @@ def main(argv: list[str] | None = None) -> int:
                 bar.update(1)
     bar.close()
 
-    # Keep results of notebooks that this invocation did not select (e.g. --only on a resumed run).
-    ordered = [results[p.stem] if p.stem in results else None for p in notebooks]
-    merged = []
-    for p, r in zip(notebooks, ordered):
-        if r is not None:
-            merged.append(r.as_summary())
-        elif p.stem in previous:
-            merged.append(previous[p.stem])
-    summary = {"run_id": run_dir.name, "profile": args.profile,
-               "total_seconds": round(time.perf_counter() - t0, 2),
-               "machine": _machine(), "started": started, "machine_facts": facts, "jobs": jobs,
-               "notebooks": merged}
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    summary = write_summary(complete=True)
     md = summary_markdown(summary)
     (run_dir / "summary.md").write_text(md)
     _update_latest(run_dir)

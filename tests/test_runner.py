@@ -1,6 +1,7 @@
 """The papermill runner on small fixture notebooks (success, failure in cell 3, resume, compare)."""
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -95,6 +96,30 @@ def test_resume_skips_what_is_done_and_reruns_what_changed(course):
     r = _run(nbdir, root, "--only", "01,04", "--resume")
     assert "01_ok (resumed" not in r.stdout and "04_independent (resumed" not in r.stdout
     assert r.returncode == 0
+
+
+def test_a_killed_run_keeps_what_it_finished_and_resume_skips_it(tmp_path):
+    """The runner itself is killed (SIGKILL, as a session stop or OOM would) during 02: the
+    summary written after 01 survives, marked incomplete, and --resume reruns only 02."""
+    nbdir = tmp_path / "nbs"
+    _fixture(nbdir, "01_ok", ["x = 1"], depends=[])
+    kill = ("import os, pathlib, psutil, signal\n"
+            "if not pathlib.Path(output_dir, 'killed.once').exists():\n"
+            "    pathlib.Path(output_dir, 'killed.once').touch()\n"
+            "    os.kill(psutil.Process(os.getppid()).ppid(), signal.SIGKILL)  # papermill's parent: the runner")
+    _fixture(nbdir, "02_kills_runner", [kill], depends=["01_ok"])
+    root = tmp_path / "out"
+    r = _run(nbdir, root, "--run-id", "k")
+    assert r.returncode == -signal.SIGKILL, r.stdout + r.stderr
+    summary = json.loads((root / "runs" / "k" / "summary.json").read_text())
+    assert summary["complete"] is False
+    assert [(nb["name"], nb["status"]) for nb in summary["notebooks"]] == [("01_ok", "ok")]
+    r = _run(nbdir, root, "--resume")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "01_ok (resumed: same inputs)" in r.stdout and "02_kills_runner (resumed" not in r.stdout
+    summary = json.loads((root / "runs" / "k" / "summary.json").read_text())
+    assert summary["complete"] is True
+    assert [nb["status"] for nb in summary["notebooks"]] == ["ok", "ok"]
 
 
 def test_compare_flags_a_moved_metric(course, tmp_path):
