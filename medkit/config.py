@@ -56,7 +56,11 @@ PROFILES: dict[str, dict[str, Any]] = {
                    "batch_size": 16, "seq_len": 256, "lr": 2e-3},
             "dpo": {"base_model": "artifact:sft_model", "dataset": "course:pref_pairs",
                     "max_steps": 60, "batch_size": 8, "seq_len": 256, "lr": 1e-3, "beta": 0.1,
-                    "loss_type": "sigmoid",
+                    "loss_type": "sigmoid", "max_prompt_tokens": 128,
+                    # pairs that prefer [E#] citations (medkit.train.grounded.cited_pairs) in the
+                    # training budget, and held-out ones scored and answered; 0 on tiny, whose
+                    # SFT model learns no evidence format (sft.grounded_rows is 0)
+                    "cited_pairs": 0, "cited_eval": 0,
                     "lora": {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": _LORA_QKVO}},
             # 4-bit matmuls on a CPU dequantise every step: a short budget keeps 04 near 2 minutes
             "qlora": {"base_model": "tiny:phi", "dataset": "course:mcq", "max_steps": 80,
@@ -135,6 +139,7 @@ PROFILES: dict[str, dict[str, Any]] = {
             "dpo": {"base_model": "artifact:sft_model", "dataset": "course:pref_pairs",
                     "max_steps": 300, "batch_size": 4, "grad_accum": 4, "seq_len": 512, "lr": 5e-6,
                     "beta": 0.1, "loss_type": "sigmoid", "gradient_checkpointing": True,
+                    "max_prompt_tokens": 384, "cited_pairs": 1200, "cited_eval": 40,
                     "lora": {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": _LORA_QKVO}},
             # MedMCQA's train split trains (as the Phi-2 system does); its validation split is
             # halved into validation and test (medkit.data.sources)
@@ -198,6 +203,7 @@ PROFILES: dict[str, dict[str, Any]] = {
             "dpo": {"base_model": "artifact:sft_model", "dataset": "course:pref_pairs",
                     "max_steps": 500, "batch_size": 2, "grad_accum": 8, "seq_len": 1024, "lr": 5e-6,
                     "beta": 0.1, "loss_type": "sigmoid", "gradient_checkpointing": True,
+                    "max_prompt_tokens": 768, "cited_pairs": 2000, "cited_eval": 40,
                     "lora": {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": _LORA_QKVO}},
             "qlora": {"base_model": "microsoft/phi-2", "dataset": "openlifescienceai/medmcqa",
                       "train_limit": 20000, "eval_limit": 400,
@@ -273,7 +279,11 @@ def _smol_profile() -> dict[str, Any]:
                      lora={"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": _LLAMA_ALL})
     # lr 5e-5 moved every implicit-reward margin the right way (accuracy 0 -> 1.0) but flipped no
     # likelihood preference (0.70 -> 0.70, run smol-a): a LoRA on q/k/v/o needs a larger step
-    st["dpo"].update(max_steps=30, eval_steps=30, batch_size=4, seq_len=192, lr=2e-4, beta=0.1,
+    # a third of the 120 pairs prefer citing (evidence prompts of ~300 tokens with one distractor,
+    # hence seq_len 448): the grounded SFT model answers from the evidence but cited 0 of 10
+    # held-out evidence prompts (run smol-final, scripts/smol_cite_probe.py)
+    st["dpo"].update(max_steps=30, eval_steps=30, batch_size=4, seq_len=448, max_prompt_tokens=384, lr=2e-4, beta=0.1,
+                     cited_pairs=40, cited_eval=10,
                      lora={"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": _LORA_QKVO})
     # gradient checkpointing, as on the GPU profiles: the activations (the 49k-token logits above
     # all) otherwise outweigh the 4-bit saving in the training peak

@@ -1,6 +1,6 @@
 """Does a model cite its evidence? Held-out QA questions, each with its passage and two distractors
 in 06's prompt format (``medkit.train.grounded``), answered greedily and checked by 06's citation
-check. Prints each answer, the target and whether the citation check passes.
+check (``grounded.citation_report``). Prints each answer, the target and whether the check passes.
 
     .venv/bin/python scripts/smol_cite_probe.py <model folder> [<run folder>] [n]
 """
@@ -9,7 +9,6 @@ import sys
 
 from medkit import kb as knowledge_base
 from medkit.data import pipeline
-from medkit.rag import answer
 from medkit.train import common, grounded
 
 
@@ -18,14 +17,10 @@ def main(model: str, run: str = "outputs/latest", n: int = 10) -> None:
     rows = grounded.grounded_rows(pipeline.load_split(data, "qa", "test"), pipeline.load_split(data, "passages", "all"),
                                   n, knowledge_base.load(), abstain_share=0.0, seed=5)
     m, tok = common.load_causal_lm(model, "float32", "cpu")
-    valid = 0
-    for r, g in zip(rows, common.generate(m, tok, [r["prompt"] for r in rows], max_new_tokens=80)):
-        shown = [line.split('source="')[1].split('"')[0] for line in r["prompt"][1]["content"].splitlines()
-                 if line.startswith("<evidence")]
-        check = answer.check_citations(g["text"], [answer.Evidence(f"E{i}", s, "", 1.0) for i, s in enumerate(shown, 1)])
-        valid += check["valid"]
-        print(f"{g['text'][:200]!r}\n   target: {r['answer'][:120]!r}  valid: {check['valid']}")
-    print(f"citation check passed on {valid} of {len(rows)} held-out evidence prompts")
+    rep = grounded.citation_report(m, tok, rows, max_new_tokens=80)
+    for r, text, check in zip(rows, rep["texts"], rep["checks"]):
+        print(f"{text[:200]!r}\n   target: {r['answer'][:120]!r}  valid: {check['valid']}")
+    print(f"citation check passed on {sum(c['valid'] for c in rep['checks'])} of {rep['n']} held-out evidence prompts")
 
 
 if __name__ == "__main__":

@@ -96,9 +96,10 @@ def check_citations(answer_text: str, evidence: list[Evidence]) -> dict[str, Any
     allowed = {ev.label for ev in evidence}
     cited = _CITE.findall(answer_text)
     unknown = sorted({c for c in cited if c not in allowed})
-    uncited = [s for s in sentences(answer_text) if not _CITE.search(s) and s.strip() != ABSTAIN]
+    # the abstention: 06's own sentence, or the reply its system prompt asks a model for
+    uncited = [s for s in sentences(answer_text) if not _CITE.search(s) and s.strip() not in (ABSTAIN, ABSTAIN_REPLY)]
     ok_cited = sorted(set(cited) & allowed)
-    abstained = not cited and not uncited and ABSTAIN in answer_text
+    abstained = not cited and not uncited and (ABSTAIN in answer_text or ABSTAIN_REPLY in answer_text)
     return {"cited": ok_cited, "unknown_ids": unknown, "uncited_sentences": uncited, "abstained": abstained,
             "valid": bool(ok_cited) and not unknown and not uncited}
 

@@ -9,12 +9,24 @@ from .common import SYSTEM_PROMPT, messages, precision_flags
 from .sft import lora_config
 
 
+def prompt_messages(prompt: str | list[dict[str, str]], system: str = SYSTEM_PROMPT) -> list[dict[str, str]]:
+    """A pair's prompt as chat messages: a question gets the course's system prompt; a prompt that
+    is already messages (06's evidence prompt, ``grounded.cited_pairs``) is used as it is."""
+    return list(prompt) if isinstance(prompt, list) else messages(prompt, system)
+
+
+def _prompt_text(prompt: str | list[dict[str, str]]) -> str:
+    return "\n".join(m["content"] for m in prompt) if isinstance(prompt, list) else str(prompt or "")
+
+
 def validate_pairs(rows: list[dict[str, Any]], tok, max_prompt_tokens: int) -> tuple[list[dict], list[dict]]:
     """(kept, skipped): a pair is skipped, with its reason, when chosen equals rejected, a side is
-    empty, or the prompt is longer than ``max_prompt_tokens``."""
+    empty, or the prompt (all its messages, for a messages prompt) is longer than
+    ``max_prompt_tokens``."""
     kept, skipped = [], []
     for r in rows:
-        prompt, chosen, rejected = (str(r.get(k) or "").strip() for k in ("prompt", "chosen", "rejected"))
+        prompt = _prompt_text(r.get("prompt")).strip()
+        chosen, rejected = (str(r.get(k) or "").strip() for k in ("chosen", "rejected"))
         if not prompt or not chosen or not rejected:
             side = next(k for k, v in (("prompt", prompt), ("chosen", chosen), ("rejected", rejected)) if not v)
             skipped.append({"id": r.get("id"), "reason": f"empty {side}"})
@@ -30,7 +42,7 @@ def validate_pairs(rows: list[dict[str, Any]], tok, max_prompt_tokens: int) -> t
 def to_dataset(rows: list[dict[str, Any]], system: str = SYSTEM_PROMPT):
     from datasets import Dataset
 
-    return Dataset.from_list([{"prompt": messages(r["prompt"], system),
+    return Dataset.from_list([{"prompt": prompt_messages(r["prompt"], system),
                                "chosen": [{"role": "assistant", "content": r["chosen"]}],
                                "rejected": [{"role": "assistant", "content": r["rejected"]}]} for r in rows])
 
@@ -54,14 +66,14 @@ def make_trainer(model, tok, train_rows, eval_rows, cfg: dict[str, Any], out_dir
                       eval_dataset=to_dataset(eval_rows), processing_class=tok, peft_config=lora_config(cfg["lora"]))
 
 
-def completion_logps(model, tok, prompts: list[str], completions: list[str], batch_size: int = 16) -> list[float]:
+def completion_logps(model, tok, prompts: list, completions: list[str], batch_size: int = 16) -> list[float]:
     """Sum of log-probabilities of each completion given its chat prompt (what DPO compares)."""
     from .common import token_logprobs
 
     model.eval()
     out: list[float] = []
     for i in range(0, len(prompts), batch_size):
-        logp, _, _ = token_logprobs(model, tok, [messages(p) for p in prompts[i: i + batch_size]],
+        logp, _, _ = token_logprobs(model, tok, [prompt_messages(p) for p in prompts[i: i + batch_size]],
                                     completions[i: i + batch_size])
         out += logp.sum(-1).tolist()
     return out
@@ -78,7 +90,7 @@ def _summarise(rows: list[dict[str, Any]], margins: list[float]) -> dict[str, An
     by_kind: dict[str, list[bool]] = {}
     for r, m in zip(rows, margins):
         by_kind.setdefault(r["rejected_kind"], []).append(m > 0)
-    return {"overall": sum(m > 0 for m in margins) / max(len(margins), 1),
+    return {"overall": sum(m > 0 for m in margins) / len(margins) if margins else None,  # None: no pairs
             "by_kind": {k: sum(v) / len(v) for k, v in sorted(by_kind.items())},
             "mean_margin": sum(margins) / max(len(margins), 1), "n": len(rows)}
 

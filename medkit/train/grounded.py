@@ -71,7 +71,7 @@ def grounded_rows(qa_rows: list[dict[str, Any]], passages: list[dict[str, Any]],
             ev_ids = rng.sample(others, distractors + 1)
             evidence = answer.make_evidence([(i, 1.0) for i in ev_ids], {i: by_id[i]["text"] for i in ev_ids})
             out.append({"id": f"{r['id']}.grounded-abstain", "prompt": answer.build_messages(r["question"], evidence),
-                        "answer": ABSTAIN_REPLY, "grounded": "abstain"})
+                        "answer": ABSTAIN_REPLY, "grounded": "abstain", "shown": {e.label: e.id for e in evidence}})
             continue
         same = [i for i in by_topic.get(topic, []) if i != gold_id]
         pool = [i for i in ids if i != gold_id and i not in same]
@@ -89,5 +89,47 @@ def grounded_rows(qa_rows: list[dict[str, Any]], passages: list[dict[str, Any]],
             continue
         target = " ".join(f"{sent.rstrip().rstrip('.!?')} [{ev.label}]." for sent, ev in cited)
         out.append({"id": f"{r['id']}.grounded", "prompt": answer.build_messages(r["question"], evidence),
-                    "answer": target, "grounded": "cite", "evidence_id": gold_id})
+                    "answer": target, "grounded": "cite", "evidence_id": gold_id,
+                    "shown": {e.label: e.id for e in evidence}})
     return out
+
+
+def strip_citations(text: str) -> str:
+    """``text`` with every ``[E#]`` label removed (and the space before it)."""
+    import re
+
+    return re.sub(r"\s*\[E\d+\]", "", text)
+
+
+def cited_pairs(qa_rows: list[dict[str, Any]], passages: list[dict[str, Any]], n: int, kb,
+                distractors: int = 1, seed: int = 0) -> list[dict[str, Any]]:
+    """DPO pairs that prefer citing: the prompt is a grounded row's evidence prompt (messages), the
+    chosen answer cites its passages, the rejected answer is the **same text without the labels**
+    (``rejected_kind`` ``"uncited"``). Only the citations differ, so the pair teaches the habit and
+    nothing else. 02's grounded SFT rows raise the chance of a label at a sentence end (from about
+    nothing to 5-10% on SmolLM2), which greedy decoding still loses to the full stop; 03 then
+    prefers it outright."""
+    rows = grounded_rows(qa_rows, passages, n, kb, distractors=distractors, abstain_share=0.0, seed=seed)
+    return [{"id": r["id"].replace(".grounded", ".uncited"), "prompt": r["prompt"], "chosen": r["answer"],
+             "rejected": strip_citations(r["answer"]), "rejected_kind": "uncited", "shown": r["shown"],
+             "topic": r["evidence_id"].split(".")[1] if r["evidence_id"].count(".") >= 2 else r["evidence_id"]}
+            for r in rows]
+
+
+def citation_report(model, tok, rows: list[dict[str, Any]], max_new_tokens: int = 96) -> dict[str, Any]:
+    """Greedy answers to evidence prompts (rows of ``grounded_rows`` or ``cited_pairs``), each
+    judged by 06's own citation check against the labels its prompt showed: ``valid_rate`` (every
+    sentence cites, only shown ids), ``cites_rate`` (at least one label), ``abstain_rate``, the
+    texts and the checks. With no rows every rate is None (nothing measured)."""
+    from ..rag import answer
+    from .common import generate
+
+    if not rows:
+        return {"n": 0, "valid_rate": None, "cites_rate": None, "abstain_rate": None, "texts": [], "checks": []}
+    texts = [g["text"] for g in generate(model, tok, [r["prompt"] for r in rows], max_new_tokens=max_new_tokens)]
+    checks = [answer.check_citations(t, [answer.Evidence(label, pid, "", 1.0) for label, pid in r["shown"].items()])
+              for t, r in zip(texts, rows)]
+    n = len(rows)
+    return {"n": n, "valid_rate": sum(c["valid"] for c in checks) / n,
+            "cites_rate": sum(bool(c["cited"] or c["unknown_ids"]) for c in checks) / n,
+            "abstain_rate": sum(c["abstained"] for c in checks) / n, "texts": texts, "checks": checks}
