@@ -73,7 +73,21 @@ def load_base(path: str, cfg: dict[str, Any], quantized: bool = True):
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     if not quantized:
         model.to(cfg["device"])
+    else:
+        _detach_from_checkpoint(model)
     return model, tok, model_type
+
+
+def _detach_from_checkpoint(model) -> None:
+    """On the CPU the weights that stay unquantised (embedding, norms) are views into the
+    memory-mapped checkpoint, which keeps the whole mapping alive, and with it the full-precision
+    pages of every layer that was read to be quantised (405 MB for SmolLM2-135M, counted in RSS
+    though no tensor uses them). Copying those few weights out lets the mapping go."""
+    import bitsandbytes as bnb
+
+    for p in model.parameters():
+        if p.device.type == "cpu" and not isinstance(p, bnb.nn.Params4bit):
+            p.data = p.data.clone()
 
 
 def training_layout(model) -> int:
@@ -204,8 +218,13 @@ def _measure_child(conn, path, cfg, quantized, rows, steps):
     t = threading.Thread(target=poll, daemon=True)
     t.start()
     try:
+        from trl.trainer import add_fused_lm_head
+
         model, tok, _ = load_base(path, cfg, quantized)
         weights = weight_footprint(model)
+        # the loss as 04's SFTTrainer computes it: per-token log-probabilities from the LM head in
+        # tiles, only where there is a label, never the whole (batch, length, vocabulary) logits
+        add_fused_lm_head(model)
         model = add_lora(model, cfg["lora"], quantized, cfg.get("gradient_checkpointing", False))
         after_load = _rss()
         _release_freed_memory()
@@ -216,7 +235,7 @@ def _measure_child(conn, path, cfg, quantized, rows, steps):
         model.train()
         losses = []
         for _ in range(steps):
-            loss = model(input_ids=x, attention_mask=attn, labels=y).loss
+            loss = model(input_ids=x, attention_mask=attn, labels=y, fused_lm_head=True).loss
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -253,7 +272,11 @@ def measure_training_memory(path: str, cfg: dict[str, Any], rows: list[dict[str,
     proc = ctx.Process(target=_measure_child, args=(child, path, cfg, quantized, rows, steps))
     proc.start()
     child.close()
-    result = parent.recv() if parent.poll(600) else {"error": "no result within 600 s"}
+    try:
+        result = parent.recv() if parent.poll(600) else {"error": "no result within 600 s"}
+    except EOFError:  # the child died before it could report (killed for memory, a crash in C code)
+        proc.join(30)
+        result = {"error": f"the measuring process exited with code {proc.exitcode} before it reported"}
     proc.join(30)
     if "error" in result:
         raise RuntimeError(f"memory measurement ({'4-bit' if quantized else 'full'}) failed: {result['error']}")
