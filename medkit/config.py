@@ -266,8 +266,10 @@ def _smol_profile() -> dict[str, Any]:
                         "and 07's drafts (T5, the embedder and the reranker as on tiny).")
     p["memory_budget"] = "6 GB RAM, no GPU"
     st = p["stages"]
-    # grounded rows (06's evidence format, ~400 tokens each) are ~30% of the mix: about 140 of the
-    # 480 rows 60 steps see, enough for SmolLM2 to start citing [E#] (it cites nothing untrained)
+    # grounded rows (06's evidence format, ~400 tokens each), one per training question: half the
+    # mix. At 2,400 (29%, about 140 of the 480 rows 60 steps see) the model answered from the
+    # evidence but its chance of " [" at a sentence end was only 5-10%: greedy text cited 0 of 10
+    # held-out evidence prompts (run smol-full)
     # No abstention rows: with a fifth of them, the 60-step model answered "Not enough evidence" to
     # 10 of 10 answerable held-out evidence prompts (run smol-final); 06 abstains on its calibrated
     # retrieval score instead.
@@ -275,15 +277,16 @@ def _smol_profile() -> dict[str, Any]:
     # checkpointing (SmolLM2's 49k-token logits: 4 x 448 x 49,152 x 4 bytes = 0.35 GB per copy), so
     # batches of 2 x 4 accumulated, with checkpointing; 3 evaluations, not 6
     st["sft"].update(base_model=smol, max_steps=60, batch_size=2, grad_accum=4, eval_steps=20, seq_len=448, lr=5e-4,
-                     gradient_checkpointing=True, grounded_rows=2400, grounded_abstain_share=0.0,
+                     gradient_checkpointing=True, grounded_rows=6000, grounded_abstain_share=0.0,
                      lora={"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": _LLAMA_ALL})
     # lr 5e-5 moved every implicit-reward margin the right way (accuracy 0 -> 1.0) but flipped no
     # likelihood preference (0.70 -> 0.70, run smol-a): a LoRA on q/k/v/o needs a larger step
-    # a third of the 120 pairs prefer citing (evidence prompts of ~300 tokens with one distractor,
-    # hence seq_len 448): the grounded SFT model answers from the evidence but cited 0 of 10
-    # held-out evidence prompts (run smol-final, scripts/smol_cite_probe.py)
+    # half the 120 pairs prefer citing (evidence prompts of ~300 tokens with one distractor, hence
+    # seq_len 448). With 40 of them the likelihood preference for the cited answer went 0 -> 0.3
+    # but greedy answers still cited 0 of 10 (run smol-full). Gradient checkpointing: without it
+    # the 8 x 448-token sequences of a step peaked at 10.9 GB (run smol-full)
     st["dpo"].update(max_steps=30, eval_steps=30, batch_size=4, seq_len=448, max_prompt_tokens=384, lr=2e-4, beta=0.1,
-                     cited_pairs=40, cited_eval=10,
+                     cited_pairs=60, cited_eval=10, gradient_checkpointing=True,
                      lora={"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": _LORA_QKVO})
     # gradient checkpointing, as on the GPU profiles: the activations (the 49k-token logits above
     # all) otherwise outweigh the 4-bit saving in the training peak

@@ -376,6 +376,22 @@ def test_llm_drafts_are_audited_like_rule_drafts(kb, corpus, tmp_path):
         MedicalAgent(kb, bm25, tmp_path / "x.sqlite", {"mode": "llm"}, passages)
 
 
+def test_the_llm_draft_prompt_is_06s_evidence_format():
+    """The agent's LLM drafts from the prompt 02's grounded rows and 03's citation pairs train on
+    (rag.answer.build_messages), with the patient's record after the question."""
+    from medkit.agent.llm import LLMWriter
+    from medkit.rag import answer as rag_answer
+
+    ev = [{"id": "cond.tonsillitis.treatment", "text": "Rest and fluids help."},
+          {"id": "drug.amoxicillin.overview", "text": "Amoxicillin is a penicillin."}]
+    msgs = LLMWriter.draft_messages("What should I take?", {"allergies": ["penicillin"]}, "", ev)
+    assert msgs[0] == {"role": "system", "content": rag_answer.SYSTEM_PROMPT}
+    user = msgs[1]["content"]
+    assert user.startswith("Question: What should I take?\n(Known about the patient: ")
+    assert '"penicillin"' in user and "Earlier in this conversation: nothing" in user
+    assert '<evidence id="E2" source="drug.amoxicillin.overview">\nAmoxicillin is a penicillin.\n</evidence>' in user
+
+
 def test_red_flags_match_word_forms_and_use_the_previous_message(kb):
     assert triage.triage(kb, "I have been thinking about killing myself tonight").level == "HIGH"
     assert triage.triage(kb, "Her arm suddenly went weak").level == "HIGH"

@@ -31,10 +31,22 @@ class LLMWriter:
     def _evidence(evidence: list[dict[str, str]]) -> str:
         return "\n".join(f"[E{n}] {e['text']}" for n, e in enumerate(evidence, 1))
 
+    @staticmethod
+    def draft_messages(message: str, memory: dict[str, Any], summary: str,
+                       evidence: list[dict[str, str]]) -> list[dict[str, str]]:
+        """06's own evidence prompt (``rag.answer.build_messages``), the format that 02's grounded
+        rows and 03's citation pairs train on, with what the agent knows about the patient after
+        the question. (An agent-only prompt, "Patient: ... Answer in 2-4 sentences with
+        citations", made the SmolLM2 DPO model repeat the patient's message back: run smol-full.)"""
+        from ..rag import answer
+
+        ev = [answer.Evidence(f"E{n}", e.get("id", ""), e["text"], 1.0) for n, e in enumerate(evidence, 1)]
+        known = f"(Known about the patient: {json.dumps(memory)}. Earlier in this conversation: {summary or 'nothing'}.)"
+        return answer.build_messages(f"{message.strip()}\n{known}", ev)
+
     def draft(self, message: str, memory: dict[str, Any], summary: str, evidence: list[dict[str, str]]) -> str:
-        return self._ask(f"Evidence:\n{self._evidence(evidence)}\n\nWhat we know about the patient: "
-                         f"{json.dumps(memory)}\nEarlier in this conversation: {summary or 'nothing'}\n\n"
-                         f"Patient: {message}\nAnswer in 2-4 sentences with citations.")
+        msgs = self.draft_messages(message, memory, summary, evidence)
+        return self._common.generate(self.model, self.tok, [msgs], max_new_tokens=self.max_new_tokens)[0]["text"].strip()
 
     def refine(self, text: str, critique: dict[str, Any], evidence: list[dict[str, str]]) -> str:
         problems = "\n".join(f"- {i['type']}: {i['detail']}" for i in critique["issues"])
