@@ -201,11 +201,17 @@ def token_logprobs(model, tok, prompts: list[list[dict[str, str]]], completions:
 
     x, attn, y = encode_completions(tok, prompts, completions, model.device)
     with torch.no_grad():
-        logits = model(input_ids=x, attention_mask=attn).logits[:, :-1].float()
+        logits = model(input_ids=x, attention_mask=attn).logits[:, :-1]
     target = y[:, 1:]
     mask = target != -100
-    logp = torch.log_softmax(logits, -1).gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return logp * mask, mask, (logits.argmax(-1) == target) & mask
+    # normalise only the scored positions: a second batch x length x vocabulary tensor would
+    # double the peak (16 x 448 x 49,152 fp32 values are 1.4 GB for SmolLM2)
+    scored = logits[mask].float()
+    logp = torch.zeros(target.shape, dtype=torch.float32, device=logits.device)
+    logp[mask] = torch.log_softmax(scored, -1).gather(-1, target[mask].unsqueeze(-1)).squeeze(-1)
+    right = torch.zeros(target.shape, dtype=torch.bool, device=logits.device)
+    right[mask] = scored.argmax(-1) == target[mask]
+    return logp, mask, right
 
 
 def completion_scores(model, tok, prompts: list[list[dict[str, str]]], answers: list[str],
