@@ -266,10 +266,12 @@ def _smol_profile() -> dict[str, Any]:
                         "and 07's drafts (T5, the embedder and the reranker as on tiny).")
     p["memory_budget"] = "6 GB RAM, no GPU"
     st = p["stages"]
-    # grounded rows (06's evidence format, ~400 tokens each), one per training question: half the
-    # mix. At 2,400 (29%, about 140 of the 480 rows 60 steps see) the model answered from the
-    # evidence but its chance of " [" at a sentence end was only 5-10%: greedy text cited 0 of 10
-    # held-out evidence prompts (run smol-full)
+    # grounded rows (06's evidence format, ~400 tokens each): 2,400 are 29% of the mix, about 140
+    # of the 480 rows 60 steps see. The model then answers from the evidence, but its chance of
+    # " [" at a sentence end is only 5-10%: greedy text cited 0 of 10 held-out evidence prompts
+    # (run smol-full). With 6,000 (half the mix) it cited 10 of 10, but its plain answers looped
+    # (loop rate 0.10 -> 0.31, template 0.67; run smol-cite), so 02's own targets fail: 2,400 stays
+    # until a share or step count gives both
     # No abstention rows: with a fifth of them, the 60-step model answered "Not enough evidence" to
     # 10 of 10 answerable held-out evidence prompts (run smol-final); 06 abstains on its calibrated
     # retrieval score instead.
@@ -277,7 +279,7 @@ def _smol_profile() -> dict[str, Any]:
     # checkpointing (SmolLM2's 49k-token logits: 4 x 448 x 49,152 x 4 bytes = 0.35 GB per copy), so
     # batches of 2 x 4 accumulated, with checkpointing; 3 evaluations, not 6
     st["sft"].update(base_model=smol, max_steps=60, batch_size=2, grad_accum=4, eval_steps=20, seq_len=448, lr=5e-4,
-                     gradient_checkpointing=True, grounded_rows=6000, grounded_abstain_share=0.0,
+                     gradient_checkpointing=True, grounded_rows=2400, grounded_abstain_share=0.0,
                      lora={"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": _LLAMA_ALL})
     # lr 5e-5 moved every implicit-reward margin the right way (accuracy 0 -> 1.0) but flipped no
     # likelihood preference (0.70 -> 0.70, run smol-a): a LoRA on q/k/v/o needs a larger step
