@@ -23,9 +23,11 @@ class LLMWriter:
         self.model, self.tok = common.load_causal_lm(path, dtype=dtype, device=device)
         self.max_new_tokens = max_new_tokens
 
-    def _ask(self, user: str) -> str:
-        msgs = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}]
+    def _generate(self, msgs: list[dict[str, str]]) -> str:
         return self._common.generate(self.model, self.tok, [msgs], max_new_tokens=self.max_new_tokens)[0]["text"].strip()
+
+    def _ask(self, user: str) -> str:
+        return self._generate([{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}])
 
     @staticmethod
     def _evidence(evidence: list[dict[str, str]]) -> str:
@@ -45,8 +47,7 @@ class LLMWriter:
         return answer.build_messages(f"{message.strip()}\n{known}", ev)
 
     def draft(self, message: str, memory: dict[str, Any], summary: str, evidence: list[dict[str, str]]) -> str:
-        msgs = self.draft_messages(message, memory, summary, evidence)
-        return self._common.generate(self.model, self.tok, [msgs], max_new_tokens=self.max_new_tokens)[0]["text"].strip()
+        return self._generate(self.draft_messages(message, memory, summary, evidence))
 
     def refine(self, text: str, critique: dict[str, Any], evidence: list[dict[str, str]]) -> str:
         problems = "\n".join(f"- {i['type']}: {i['detail']}" for i in critique["issues"])

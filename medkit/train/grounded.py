@@ -31,6 +31,11 @@ def _support(sentence: str, passage: str) -> float:
     return len(words & set(tokenize(passage))) / len(words) if words else 0.0
 
 
+def _topic(passage_id: str) -> str:
+    """The topic part of a passage id (``cond.asthma.treatment`` -> ``asthma``)."""
+    return passage_id.split(".")[1] if passage_id.count(".") >= 2 else passage_id
+
+
 def grounded_rows(qa_rows: list[dict[str, Any]], passages: list[dict[str, Any]], n: int, kb,
                   distractors: int = 2, abstain_share: float = 0.2, min_support: float = 0.5,
                   seed: int = 0) -> list[dict[str, Any]]:
@@ -47,7 +52,7 @@ def grounded_rows(qa_rows: list[dict[str, Any]], passages: list[dict[str, Any]],
             if not p.get(field):
                 raise ValueError(f"passage row {i} ({p.get('id', '?')}): missing field `{field}`")
     by_id = {p["id"]: p for p in passages}
-    topic_of = {p["id"]: p["id"].split(".")[1] if p["id"].count(".") >= 2 else p["id"] for p in passages}
+    topic_of = {p["id"]: _topic(p["id"]) for p in passages}
     by_topic: dict[str, list[str]] = {}
     for pid, t in topic_of.items():
         by_topic.setdefault(t, []).append(pid)
@@ -113,7 +118,7 @@ def cited_pairs(qa_rows: list[dict[str, Any]], passages: list[dict[str, Any]], n
     rows = grounded_rows(qa_rows, passages, n, kb, distractors=distractors, abstain_share=0.0, seed=seed)
     return [{"id": r["id"].replace(".grounded", ".uncited"), "prompt": r["prompt"], "chosen": r["answer"],
              "rejected": strip_citations(r["answer"]), "rejected_kind": "uncited", "shown": r["shown"],
-             "topic": r["evidence_id"].split(".")[1] if r["evidence_id"].count(".") >= 2 else r["evidence_id"]}
+             "topic": _topic(r["evidence_id"])}
             for r in rows]
 
 
