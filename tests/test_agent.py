@@ -374,6 +374,11 @@ def test_llm_drafts_are_audited_like_rule_drafts(kb, corpus, tmp_path):
     assert agent.store.summary("s")[0].startswith("summary of")  # the LLM summarises past the budget
     with pytest.raises(ValueError, match="needs an LLMWriter"):
         MedicalAgent(kb, bm25, tmp_path / "x.sqlite", {"mode": "llm"}, passages)
+    # 07 reopens the agent on its store (memory across sessions, the scenario suite): the reopened
+    # agent keeps the writer, so an LLM profile does not fall over there (smol-full's 07 did)
+    again = agent.reopen()
+    assert again.llm is writer and again.store.path == agent.store.path and again is not agent
+    assert again.memory("p")["allergies"] and again.reopen(tmp_path / "other.sqlite").memory("p")["allergies"] == []
 
 
 def test_the_llm_draft_prompt_is_06s_evidence_format():

@@ -83,6 +83,7 @@ class MedicalAgent:
         self.extractor = memory.FactExtractor(self.kb, self.analyzer)
         self.passages = dict(passages or {})
         self.store = Store(store_path)
+        self.seed = seed
         self.store.seed_inventory(self.kb, seed)
         self.tools = ToolBox(self.kb, self.store)
         self.llm = llm
@@ -117,6 +118,13 @@ class MedicalAgent:
         return cls(kb, retriever, store_path or session.dir / "agent.sqlite", cfg,
                    {c["id"]: c["text"] for c in chunks} | {p["id"]: p["text"] for p in passages},
                    analyzer, llm, session.seed)
+
+    def reopen(self, store_path: str | Path | None = None) -> "MedicalAgent":
+        """A new agent object with this one's parts (knowledge base, retriever, settings, passages,
+        analyzer and LLM writer, when the mode has one) on ``store_path`` (default: this agent's
+        store). What it knows about a patient comes from that store only."""
+        return type(self)(self.kb, self.retriever, store_path or self.store.path, self.cfg, self.passages,
+                          self.analyzer, self.llm, self.seed)
 
     # ------------------------------------------------------------ memory the user can see and edit
     def memory(self, patient_id: str) -> dict[str, Any]:
