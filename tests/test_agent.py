@@ -381,6 +381,65 @@ def test_llm_drafts_are_audited_like_rule_drafts(kb, corpus, tmp_path):
     assert again.memory("p")["allergies"] and again.reopen(tmp_path / "other.sqlite").memory("p")["allergies"] == []
 
 
+class VagueWriter(ScriptedWriter):
+    """An LLM draft that names no medicine and cites nothing (what SmolLM2's DPO model wrote for
+    the penicillin-allergic patient's tonsillitis question in run smol-full)."""
+
+    def draft(self, message, memory, summary, evidence):
+        return "It is diagnosed with a clinical score and chest radiography. Common causes include viruses."
+
+
+@pytest.mark.parametrize("turns, must_avoid", [
+    (["I'm allergic to penicillin.", "My tonsils are swollen, the GP says tonsillitis. What medicine should I take?"],
+     "phenoxymethylpenicillin"),
+    (["My son is 8.", "He has a fever and aches with a cold. Can I give him aspirin?"], "aspirin"),
+])
+def test_the_auditor_warns_about_the_medicines_in_question_even_when_the_draft_omits_them(kb, corpus, tmp_path,
+                                                                                            turns, must_avoid):
+    bm25, passages = corpus
+    agent = MedicalAgent(kb, bm25, tmp_path / "v.sqlite", {"mode": "llm"}, passages, llm=VagueWriter())
+    for msg in turns:
+        r = agent.chat(msg, patient_id="p", session_id="s")
+    first = r.audit_rounds[0]["issues"]
+    assert any(i.get("unwarned") and i["drug"] == must_avoid for i in first)
+    final = answer.parse(r.answer, agent.extractor.drug_ids)
+    warnings = [s for s in final if s.kind == "warning" and must_avoid in s.drugs]
+    assert len(warnings) == 1 and must_avoid not in answer.recommended_drugs(final)  # said once, not recommended
+    assert r.audit_rounds[-1]["ok"]  # the warning settles the issue: no second copy in round 2
+    # a patient with no such record gets no such warning
+    fresh = MedicalAgent(kb, bm25, tmp_path / "w.sqlite", {"mode": "llm"}, passages, llm=VagueWriter())
+    r2 = fresh.chat(turns[-1], patient_id="q", session_id="t")
+    assert not any(s.kind == "warning" and must_avoid in s.drugs for s in answer.parse(r2.answer, fresh.extractor.drug_ids))
+
+
+@pytest.mark.parametrize("text, problem", [
+    ("Patient: I'm 67 and have heart failure. [E1]. [E2]. [E3]. [E4].", "evidence labels"),
+    ("Take care, take care, take care, take care, take care, take care.", "loops"),
+    ("The patient is 67 with heart failure and takes warfarin.", "medicine not in the conversation: warfarin"),
+    ("", "empty"),
+    ("A 67-year-old with heart failure on furosemide; ankles more swollen for a week.", None),
+])
+def test_a_model_summary_is_stored_only_when_faithful(kb, corpus, tmp_path, text, problem):
+    """smol-full's 07 stored "Patient: I'm 67 and have heart failure. [E1]. [E2]. ..." as the memory
+    summary; a summary that loops, carries evidence labels or names a medicine never mentioned is
+    replaced by the extractive one."""
+    turns = [{"user": "I'm 67 and have heart failure. I take furosemide.", "answer": "Noted [E1].", "triage": "LOW"},
+             {"user": "My ankles have been more swollen for a week.", "answer": "See your GP.", "triage": "MEDIUM"}]
+    bm25, passages = corpus
+
+    class Fixed(ScriptedWriter):
+        def summarise(self, old):
+            return text
+
+    agent = MedicalAgent(kb, bm25, tmp_path / "s.sqlite", {"mode": "llm", "memory_token_budget": 10,
+                                                             "keep_recent_turns": 1}, passages, llm=Fixed())
+    assert memory.summary_problem(text, turns, agent.extractor) == problem
+    for t in turns:
+        agent.chat(t["user"], patient_id="p", session_id="s")
+    stored = agent.store.summary("s")[0]
+    assert (stored == text) == (problem is None) and stored.strip()
+
+
 def test_the_llm_draft_prompt_is_06s_evidence_format():
     """The agent's LLM drafts from the prompt 02's grounded rows and 03's citation pairs train on
     (rag.answer.build_messages), with the patient's record after the question."""

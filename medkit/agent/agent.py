@@ -327,8 +327,10 @@ class MedicalAgent:
         upto = state["summarised_upto"]
 
         def summarise(old):
-            if self.llm is not None:
-                return self.llm.summarise(old)
+            if self.llm is not None:  # a model's summary is kept only when it is faithful (else extractive)
+                text = self.llm.summarise(old)
+                if memory.summary_problem(text, old, self.extractor) is None:
+                    return text
             return memory.extractive_summary(old, self.extractor)
 
         summary, recent = memory.compress(state["summary"], turns[upto:], self.cfg["memory_token_budget"],

@@ -116,6 +116,21 @@ def _relevant(state: TurnState, pid: str) -> bool:
     return any(pid.startswith(t) for t in topics) or any(t.lower() in text for t in state.entity_terms)
 
 
+def asked_drugs(state: TurnState) -> list[str]:
+    """The medicines the patient asks about (named in the message, not ones they already take)."""
+    return [d for d in state.message_drugs if d not in state.memory.get("medications", [])]
+
+
+def drugs_in_question(state: TurnState, kb: KnowledgeBase) -> list[str]:
+    """Every medicine this turn's answer is about, whatever the draft says: the ones the patient asks
+    about and, for a treatment question, the first-line medicines of its condition (the knowledge
+    base's). The auditor warns about these from the patient's record even when a draft leaves them out."""
+    out = asked_drugs(state)
+    if "treatment" in state.intents and state.topic_conditions():
+        out += list(kb.conditions.get(state.topic_conditions()[0], {}).get("first_line_drugs", []))
+    return list(dict.fromkeys(d for d in out if d in kb.drugs))
+
+
 def rule_draft(state: TurnState, kb: KnowledgeBase, drug_ids) -> list[Sentence]:
     """An extractive first draft that answers the question from the evidence. It does not look
     at the patient's memory: that is the auditor's job, so the draft can be unsafe."""
@@ -129,7 +144,7 @@ def rule_draft(state: TurnState, kb: KnowledgeBase, drug_ids) -> list[Sentence]:
         return []
     if not state.intents and "?" not in state.message and state.new_facts:
         return []  # the patient told us something; the agent acknowledges what it remembered
-    asked = [d for d in state.message_drugs if d not in state.memory.get("medications", [])]
+    asked = asked_drugs(state)
     if asked and (state.intents & {"can_take", "dose"} or "treatment" not in state.intents):
         for d in asked[:2]:
             for section, kind in (("overview", "recommend"), ("dose", "dose")):
@@ -251,6 +266,16 @@ def critique(sentences: list[Sentence], state: TurnState, kb: KnowledgeBase, rou
             if not s.cites or bad:
                 issues.append({"type": "uncited", "severity": "block", "sentence": i, "drug": None, "evidence": None,
                                "detail": f"claim without a valid citation: {s.text[:80]!r}"})
+    # what the patient's record says about the medicines in question, said even when the draft
+    # leaves them out (a draft that names no penicillin must still warn a penicillin-allergic
+    # patient asking how tonsillitis is treated)
+    for did in drugs_in_question(state, kb):
+        for issue in drug_issues(kb, did, state.memory):
+            key = (issue["type"], did, issue.get("with"))
+            if key in seen or (did, issue["type"]) in warned:
+                continue
+            seen.add(key)
+            issues.append({**issue, "sentence": None, "unwarned": True})
     for dose in state.stated_doses:
         issue = dose_issue(kb, dose, state.memory)
         if issue and (issue["drug"], "dose") not in warned:

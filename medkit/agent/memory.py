@@ -203,6 +203,31 @@ def extractive_summary(turns: list[dict[str, Any]], extractor: FactExtractor, ma
     return " ".join(keep[-max_sentences:])
 
 
+_CITE = re.compile(r"\[E\d+\]")
+
+
+def summary_problem(text: str, turns: list[dict[str, Any]], extractor: FactExtractor) -> str | None:
+    """Why a model-written summary of ``turns`` must not be stored, or None when it may be: it is
+    empty, it loops (``medkit.metrics.is_looping``), it carries evidence labels ([E#]: they only
+    mean something inside one answer), or it names a medicine or condition that the turns never
+    mention (a made-up fact would be "remembered" in every later turn)."""
+    from ..metrics import is_looping
+
+    if not text.strip():
+        return "empty"
+    if is_looping(text):
+        return "loops"
+    if _CITE.search(text):
+        return "evidence labels"
+    said = " ".join(f"{t['user']} {t['answer']}" for t in turns)
+    for kind, found, known in (("medicine", extractor.drug_ids(text), set(extractor.drug_ids(said))),
+                               ("condition", extractor.condition_ids(text), set(extractor.condition_ids(said)))):
+        new = [x for x in found if x not in known]
+        if new:
+            return f"{kind} not in the conversation: {new[0]}"
+    return None
+
+
 def compress(summary: str, turns: list[dict[str, Any]], budget: int, keep_recent: int,
              summarise: Callable[[list[dict[str, Any]]], str]) -> tuple[str, list[dict[str, Any]]]:
     """If the verbatim turns pass ``budget`` tokens, fold all but the last ``keep_recent`` into
