@@ -122,6 +122,10 @@ def results_markdown(summary: dict[str, Any], source: str = "summary.json") -> s
            f"| notebooks side by side (`--jobs`; speed figures of a run with more than 1 were measured under load) | {summary.get('jobs', 1)} |", "",
            "## Machine", "", "| fact | value |", "| --- | --- |"]
     out += [f"| {k} | {_value(v)} |" for k, v in machine]
+    calls = summary.get("invocations") or []
+    if len(calls) > 1:  # a resumed run: which notebooks each invocation ran, and when
+        out += ["", "## Invocations (`--resume`)", "", "| started (UTC) | seconds | notebooks run |", "| --- | --- | --- |"]
+        out += [f"| {c['started']} | {_value(c['seconds'])} | {', '.join(c['notebooks']) or '-'} |" for c in calls]
     out += ["", "## Notebooks", "", "| notebook | status | seconds | peak RSS (MB) | figures |",
             "| --- | --- | --- | --- | --- |"]
     for nb in summary["notebooks"]:

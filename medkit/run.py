@@ -379,6 +379,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     previous: dict[str, dict[str, Any]] = {}
+    prev: dict[str, Any] = {}
     run_dir = None
     if args.resume:
         run_dir = (root / "runs" / args.run_id) if args.run_id else latest_run(root)
@@ -387,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
             if prev.get("profile") == args.profile:
                 previous = {nb["name"]: nb for nb in prev["notebooks"]}
             else:
-                run_dir = None
+                run_dir, prev = None, {}
         else:
             run_dir = None
     if run_dir is None:
@@ -440,10 +441,17 @@ def main(argv: list[str] | None = None) -> int:
                 merged.append(results[p.stem].as_summary())
             elif p.stem in previous:
                 merged.append(previous[p.stem])
+        # a resumed run adds this invocation to the earlier ones: the run's start and time are all of them
+        this = {"started": started, "seconds": round(time.perf_counter() - t0, 2),
+                "notebooks": [n for n, r in results.items() if not r.resumed], "load_avg_start": facts.get("load_avg_start")}
+        earlier = prev.get("invocations") or ([{"started": prev["started"], "seconds": prev.get("total_seconds"),
+                                                "notebooks": [n["name"] for n in prev.get("notebooks", [])
+                                                              if n.get("status") != "skipped"]}] if prev else [])
         summary = {"run_id": run_dir.name, "profile": args.profile,
-                   "total_seconds": round(time.perf_counter() - t0, 2),
-                   "machine": _machine(), "started": started, "machine_facts": facts, "jobs": jobs,
-                   "complete": complete, "notebooks": merged}
+                   "total_seconds": round(sum(i["seconds"] or 0 for i in earlier) + this["seconds"], 2),
+                   "machine": _machine(), "started": earlier[0]["started"] if earlier else started,
+                   "machine_facts": facts, "jobs": jobs, "complete": complete, "notebooks": merged,
+                   "invocations": earlier + [this]}
         tmp = run_dir / "summary.json.tmp"
         tmp.write_text(json.dumps(summary, indent=2) + "\n")
         tmp.replace(run_dir / "summary.json")

@@ -88,6 +88,7 @@ def test_failure_in_cell_3_names_it_keeps_partial_output_and_skips_dependents(co
 def test_resume_skips_what_is_done_and_reruns_what_changed(course):
     nbdir, root = course
     assert _run(nbdir, root, "--only", "01,04", "--run-id", "r3").returncode == 0
+    first = json.loads((root / "runs" / "r3" / "summary.json").read_text())
     r = _run(nbdir, root, "--only", "01,04", "--resume")
     assert r.returncode == 0
     assert "01_ok (resumed: same inputs)" in r.stdout and "04_independent (resumed" in r.stdout
@@ -96,6 +97,13 @@ def test_resume_skips_what_is_done_and_reruns_what_changed(course):
     r = _run(nbdir, root, "--only", "01,04", "--resume")
     assert "01_ok (resumed" not in r.stdout and "04_independent (resumed" not in r.stdout
     assert r.returncode == 0
+    # the summary keeps the run's first start, adds up every invocation's time and says what each ran
+    last = json.loads((root / "runs" / "r3" / "summary.json").read_text())
+    calls = last["invocations"]
+    assert last["started"] == first["started"] == calls[0]["started"] and len(calls) == 3
+    assert [c["notebooks"] for c in calls] == [["01_ok", "04_independent"], [], ["01_ok", "04_independent"]]
+    assert last["total_seconds"] == pytest.approx(sum(c["seconds"] for c in calls), abs=0.05)
+    assert last["total_seconds"] > first["total_seconds"]
 
 
 def test_a_killed_run_keeps_what_it_finished_and_resume_skips_it(tmp_path):
