@@ -298,7 +298,9 @@ def _smol_profile() -> dict[str, Any]:
     # SmolLM2 has no <think> token: the delimiters are ordinary BPE pieces it already reads, so no
     # embedding rows need training (train_tokens dropped)
     st["cot"] = {k: v for k, v in st["cot"].items() if k != "train_tokens"}
-    st["cot"].update(base_model=smol, max_steps=40, batch_size=2, grad_accum=2, seq_len=448, lr=5e-4,
+    # 60 steps: format compliance 0.906 on the 32 held-out cases (40 steps: 0.875, below the 0.9
+    # target; runs smol-cot60 and smol-full), 05 in 619 s instead of 537 s
+    st["cot"].update(base_model=smol, max_steps=60, batch_size=2, grad_accum=2, seq_len=448, lr=5e-4,
                      lora={"r": 16, "alpha": 16, "dropout": 0.0, "target_modules": _LLAMA_ALL})
     # 06: the DPO model writes the cited answers (greedy, batch 1): 40 held-out questions, 96 tokens each
     st["rag"].update(generator="artifact:dpo_model", generator_max_new_tokens=96, n_answer=40)
