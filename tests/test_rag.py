@@ -344,12 +344,14 @@ def test_evaluate_cli_runs_leave_one_source_out_with_the_reranker(tmp_path, caps
 
     f = tmp_path / "mq.jsonl"
     f.write_text("".join(json.dumps({**r, "source": r.pop("medquad_source")}) + "\n" for r in _lso_rows()))
-    assert main(["evaluate", "--data", str(f), "--rerank", "--rerank-steps", "2", "--embedder", "offline-minilm"]) == 0
+    assert main(["evaluate", "--data", str(f), "--rerank", "--rerank-steps", "2", "--rerank-max-tokens", "32",
+                 "--rerank-layers", "1", "--embedder", "offline-minilm"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["protocol"] == "leave-one-source-out" and out["rows"] == 9
     rows = {r["retriever"]: r for r in out["recall5_by_fold"]}
     assert set(rows["hybrid + rerank"]) == {"retriever", "A", "B", "C", "mean"}
     assert out["reranker"]["training_data"] and out["reranker"]["steps"] == 2
+    assert out["reranker"]["max_seq_length"] == 32 and out["reranker"]["train_layers"] == 1
     assert len(out["reranker"]["per_fold"]) == 3 and out["reranker"]["query_ms_p95"] > 0
 
 

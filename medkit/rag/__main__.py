@@ -29,6 +29,10 @@ def main(argv=None) -> int:
                          "default: medkit.rag.lso.ENCODER_RERANK)")
     ev.add_argument("--rerank-pool", type=int, default=None, help="lso encoder reranker: hybrid candidates re-scored")
     ev.add_argument("--rerank-blend", type=float, default=None, help="lso encoder reranker: weight of the hybrid score")
+    ev.add_argument("--rerank-max-tokens", type=int, default=None,
+                    help="lso encoder reranker: tokens of each question and passage it reads (training and scoring)")
+    ev.add_argument("--rerank-layers", type=int, default=None,
+                    help="lso encoder reranker: top transformer layers fine-tuned (MiniLM has 6)")
     ev.add_argument("--compare-blends", default="", help="lso encoder reranker: other blends scored beside it, e.g. 0,0.2")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--embedder", default="offline-minilm:int8", help="offline-minilm[:int8] or a hub id")
@@ -66,7 +70,9 @@ def main(argv=None) -> int:
             return 2
         retriever, _ = lso.index(rows, encoder, dense.chroma_client())
         rr_cfg = {"method": args.rerank_method, **{k: v for k, v in (("steps", args.rerank_steps), ("pool", args.rerank_pool),
-                                                                       ("blend", args.rerank_blend)) if v is not None},
+                                                                       ("blend", args.rerank_blend),
+                                                                       ("max_seq_length", args.rerank_max_tokens),
+                                                                       ("train_layers", args.rerank_layers)) if v is not None},
                   "compare_blends": [float(b) for b in args.compare_blends.split(",") if b.strip()]}
         result = lso.run(rows, retriever, use_rerank=args.rerank, tune_limit=args.tune_limit, seed=args.seed,
                          log=lambda m: print(m, file=sys.stderr), reranker=rr_cfg)
