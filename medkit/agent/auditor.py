@@ -126,8 +126,9 @@ def drugs_in_question(state: TurnState, kb: KnowledgeBase) -> list[str]:
     about and, for a treatment question, the first-line medicines of its condition (the knowledge
     base's). The auditor warns about these from the patient's record even when a draft leaves them out."""
     out = asked_drugs(state)
-    if "treatment" in state.intents and state.topic_conditions():
-        out += list(kb.conditions.get(state.topic_conditions()[0], {}).get("first_line_drugs", []))
+    topics = state.topic_conditions() if "treatment" in state.intents else []
+    if topics:
+        out += list(kb.conditions.get(topics[0], {}).get("first_line_drugs", []))
     return list(dict.fromkeys(d for d in out if d in kb.drugs))
 
 
