@@ -107,6 +107,29 @@ def test_decoder_scorer_agrees_with_the_mcq_module(qwen, mcqs):
     assert abs(sum(right) / sum(counts) - ref["token_accuracy"]) < 1e-9
 
 
+def test_shared_prefix_scoring_matches_full_forward_and_runs_each_prompt_once(qwen, mcqs):
+    """Options of the same question share one prompt pass; the numbers are those of running
+    every prompt + option in full (``token_logprobs``), whatever order the pairs come in."""
+    s = bench.load_scorer(qwen.path, "qwen")
+    rows = mcqs[:5]
+    pairs = [(common.messages(mcq.question_text(r), mcq.MCQ_SYSTEM), mcq.answer_line(r, i))
+             for i in range(4) for r in rows]  # interleaved: a prompt's options are not adjacent
+    prompts, comps = [p for p, _ in pairs], [c for _, c in pairs]
+    seen = []
+    hook = s.model.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["input_ids"].shape), with_kwargs=True)
+    try:
+        sums, counts, right = common.shared_prefix_logprobs(s.model, s.tok, prompts, comps, batch_size=8)
+    finally:
+        hook.remove()
+    logp, mask, ok = common.token_logprobs(s.model, s.tok, prompts, comps)
+    assert counts == mask.sum(-1).tolist() and right == ok.sum(-1).tolist()
+    assert max(abs(a - b) for a, b in zip(sums, logp.sum(-1).tolist())) < 1e-3
+    # prompt passes (even calls) hold 5 rows in all, one per question; the option passes 20
+    assert sum(shape[0] for shape in seen[0::2]) == len(rows)
+    assert sum(shape[0] for shape in seen[1::2]) == len(pairs)
+    assert all(shape[1] <= max(counts) for shape in seen[1::2])
+
+
 def test_seq2seq_loglik_matches_the_model_loss(t5):
     import torch
 

@@ -211,44 +211,13 @@ class Scorer:
         return sums, counts, right
 
     def _causal_loglik(self, users, completions, system, batch_size):
-        """The same numbers as ``train.common.token_logprobs`` (chat template, completion tokens
-        only), computed faster for benchmarks: items sorted by length, left padding with explicit
-        positions, and the output head run only over the completion (``logits_to_keep``)."""
-        import torch
+        """The numbers of ``train.common.token_logprobs`` (chat template, completion tokens only),
+        computed faster for benchmarks: each distinct prompt runs once and its cache serves every
+        option (``train.common.shared_prefix_logprobs``)."""
+        from ..train.common import messages, shared_prefix_logprobs
 
-        from ..train.common import messages
-
-        tok, heads = self.tok, {}
-        rows = []
-        for u, c in zip(users, completions):
-            p = messages(u, system)
-            if u not in heads:
-                heads[u] = len(tok(tok.apply_chat_template(p, tokenize=False, add_generation_prompt=True),
-                                   add_special_tokens=False)["input_ids"])
-            full = tok(tok.apply_chat_template(p + [{"role": "assistant", "content": c}], tokenize=False),
-                       add_special_tokens=False)["input_ids"]
-            rows.append((full, len(full) - heads[u]))
-        order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))
-        sums, counts, right = [0.0] * len(rows), [0] * len(rows), [0] * len(rows)
-        self.model.eval()
-        for s in range(0, len(order), batch_size):
-            idx = order[s: s + batch_size]
-            width = max(len(rows[i][0]) for i in idx)
-            keep = max(rows[i][1] for i in idx) + 1
-            ids = torch.tensor([[tok.pad_token_id] * (width - len(rows[i][0])) + rows[i][0] for i in idx])
-            attn = torch.tensor([[0] * (width - len(rows[i][0])) + [1] * len(rows[i][0]) for i in idx])
-            pos = (attn.cumsum(-1) - 1).clamp(min=0)
-            with torch.no_grad():
-                logits = self.model(input_ids=ids.to(self.model.device), attention_mask=attn.to(self.model.device),
-                                    position_ids=pos.to(self.model.device), logits_to_keep=keep).logits[:, :-1].float()
-            target = ids[:, width - (keep - 1):].to(logits.device)
-            mask = torch.tensor([[j >= keep - 1 - rows[i][1] for j in range(keep - 1)] for i in idx], device=logits.device)
-            logp = torch.log_softmax(logits, -1).gather(-1, target.unsqueeze(-1)).squeeze(-1)
-            logp = torch.where(mask, logp, torch.zeros_like(logp))
-            ok = (logits.argmax(-1) == target) & mask
-            for k, i in enumerate(idx):
-                sums[i], counts[i], right[i] = float(logp[k].sum()), int(mask[k].sum()), int(ok[k].sum())
-        return sums, counts, right
+        return shared_prefix_logprobs(self.model, self.tok, [messages(u, system) for u in users], completions,
+                                      batch_size)
 
     def generate(self, users: list[str], system: str, max_new_tokens: int = 64, batch_size: int = 16):
         """Greedy replies: ``text`` (for an R1 model, the answer after ``</think>``, or the whole

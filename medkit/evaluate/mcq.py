@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from ..train.common import generate, messages, token_logprobs
+from ..train.common import generate, messages, shared_prefix_logprobs
 
 LETTERS = "ABCD"
 OPTION_FIELDS = ("opa", "opb", "opc", "opd")
@@ -85,13 +85,7 @@ def loglik_choices(model, tok, rows: list[dict[str, Any]], system: str = MCQ_SYS
         for i in range(len(OPTION_FIELDS)):
             flat_prompts.append(p)
             flat_answers.append(answer_line(r, i))
-    model.eval()
-    sums: list[float] = []
-    counts: list[int] = []
-    for s in range(0, len(flat_prompts), batch_size):
-        logp, mask, _ = token_logprobs(model, tok, flat_prompts[s: s + batch_size], flat_answers[s: s + batch_size])
-        sums += logp.sum(-1).tolist()
-        counts += mask.sum(-1).tolist()
+    sums, counts, _ = shared_prefix_logprobs(model, tok, flat_prompts, flat_answers, batch_size)
     out = []
     for k, r in enumerate(rows):
         total = sums[4 * k: 4 * k + 4]

@@ -214,19 +214,71 @@ def token_logprobs(model, tok, prompts: list[list[dict[str, str]]], completions:
     return logp, mask, right
 
 
+def shared_prefix_logprobs(model, tok, prompts: list[list[dict[str, str]]], completions: list[str],
+                           batch_size: int = 32) -> tuple[list[float], list[int], list[int]]:
+    """``(sums, counts, right)`` per completion, the numbers of :func:`token_logprobs` (summed
+    log-probability of the completion tokens, how many, and how many the model's top guess got
+    right), computed once per distinct prompt.
+
+    An MCQ's four options or PubMedQA's yes/no/maybe share one prompt: the prompt runs once
+    (``logits_to_keep=1``: only its last position's output head), its key/value cache is copied
+    to each of its completions, and only the completion tokens run again and get logits. On a
+    benchmark prompt of a few hundred tokens and short options this is the forward work of one
+    option instead of four, and the logits tensor is completion-sized, not prompt-sized."""
+    import torch
+
+    order: dict[tuple[int, ...], list[int]] = {}
+    tails: list[list[int]] = []
+    for k, (p, c) in enumerate(zip(prompts, completions)):
+        full, n_prompt = tokenize_completion(tok, p, c)
+        order.setdefault(tuple(full[:n_prompt]), []).append(k)
+        tails.append(full[n_prompt:])
+    heads = sorted(order, key=len)
+    per_prompt = max(len(v) for v in order.values()) if order else 1
+    step = max(1, batch_size // per_prompt)
+    sums, counts, right = [0.0] * len(tails), [0] * len(tails), [0] * len(tails)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    dev = model.device
+    model.eval()
+    for s in range(0, len(heads), step):
+        group = heads[s: s + step]
+        width = max(len(h) for h in group)
+        ids = torch.tensor([[pad] * (width - len(h)) + list(h) for h in group], device=dev)
+        attn = torch.tensor([[0] * (width - len(h)) + [1] * len(h) for h in group], device=dev)
+        pos = (attn.cumsum(-1) - 1).clamp(min=0)
+        items = [(g, k) for g, h in enumerate(group) for k in order[h]]
+        rows = torch.tensor([g for g, _ in items], device=dev)
+        cwidth = max(len(tails[k]) for _, k in items)
+        cids = torch.tensor([tails[k] + [pad] * (cwidth - len(tails[k])) for _, k in items], device=dev)
+        cattn = torch.tensor([[1] * len(tails[k]) + [0] * (cwidth - len(tails[k])) for _, k in items], device=dev)
+        with torch.no_grad():
+            out = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True, logits_to_keep=1)
+            cache = out.past_key_values
+            cache.reorder_cache(rows)  # one copy of its prompt's cache per completion
+            lens = attn.sum(-1)[rows]
+            cpos = lens.unsqueeze(-1) + torch.arange(cwidth, device=dev)
+            logits = model(input_ids=cids, attention_mask=torch.cat([attn[rows], cattn], -1), position_ids=cpos,
+                           past_key_values=cache, use_cache=True).logits
+        # token j of a completion is predicted by the prompt's last position (j = 0) or by
+        # completion position j - 1
+        pred = torch.cat([out.logits[rows, -1:], logits[:, :-1]], 1).float()
+        mask = cattn.bool()
+        logp = torch.log_softmax(pred, -1).gather(-1, cids.unsqueeze(-1)).squeeze(-1)
+        logp = torch.where(mask, logp, torch.zeros_like(logp))
+        ok = (pred.argmax(-1) == cids) & mask
+        for r, (_, k) in enumerate(items):
+            sums[k], counts[k], right[k] = float(logp[r].sum()), int(mask[r].sum()), int(ok[r].sum())
+    return sums, counts, right
+
+
 def completion_scores(model, tok, prompts: list[list[dict[str, str]]], answers: list[str],
                       batch_size: int = 16, per_item: bool = False) -> dict[str, Any]:
     """Teacher-forced loss, perplexity and token accuracy on the answer tokens only. With
     ``per_item`` the result also holds ``items``: each answer's summed log-probability
     (``logp``), scored tokens (``tokens``) and right top guesses (``right``), so any subset can be
     scored again without running the model (``medkit.evaluate.heldout.split_result``)."""
-    model.eval()
-    items: dict[str, list] = {"logp": [], "tokens": [], "right": []}
-    for i in range(0, len(prompts), batch_size):
-        logp, mask, right = token_logprobs(model, tok, prompts[i: i + batch_size], answers[i: i + batch_size])
-        items["logp"] += [float(v) for v in logp.sum(-1)]
-        items["tokens"] += [int(v) for v in mask.sum(-1)]
-        items["right"] += [int(v) for v in right.sum(-1)]
+    logp, tokens, right = shared_prefix_logprobs(model, tok, prompts, answers, batch_size)
+    items: dict[str, list] = {"logp": logp, "tokens": tokens, "right": right}
     total_tok = sum(items["tokens"])
     mean_loss = -sum(items["logp"]) / max(total_tok, 1)
     out: dict[str, Any] = {"loss": mean_loss, "perplexity": perplexity(mean_loss),
