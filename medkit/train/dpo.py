@@ -67,22 +67,19 @@ def make_trainer(model, tok, train_rows, eval_rows, cfg: dict[str, Any], out_dir
 
 
 def completion_logps(model, tok, prompts: list, completions: list[str], batch_size: int = 16) -> list[float]:
-    """Sum of log-probabilities of each completion given its chat prompt (what DPO compares)."""
-    from .common import token_logprobs
+    """Sum of log-probabilities of each completion given its chat prompt (what DPO compares).
+    Pairs that share a prompt share its forward pass (``common.shared_prefix_logprobs``)."""
+    from .common import shared_prefix_logprobs
 
-    model.eval()
-    out: list[float] = []
-    for i in range(0, len(prompts), batch_size):
-        logp, _, _ = token_logprobs(model, tok, [prompt_messages(p) for p in prompts[i: i + batch_size]],
-                                    completions[i: i + batch_size])
-        out += logp.sum(-1).tolist()
-    return out
+    sums, _, _ = shared_prefix_logprobs(model, tok, [prompt_messages(p) for p in prompts], completions, batch_size)
+    return sums
 
 
 def _pair_logps(model, tok, rows: list[dict[str, Any]]) -> tuple[list[float], list[float]]:
+    """(chosen, rejected) log-likelihoods; a pair's two answers share one pass over its prompt."""
     prompts = [r["prompt"] for r in rows]
-    return (completion_logps(model, tok, prompts, [r["chosen"] for r in rows]),
-            completion_logps(model, tok, prompts, [r["rejected"] for r in rows]))
+    both = completion_logps(model, tok, prompts + prompts, [r["chosen"] for r in rows] + [r["rejected"] for r in rows])
+    return both[: len(rows)], both[len(rows):]
 
 
 def _summarise(rows: list[dict[str, Any]], margins: list[float]) -> dict[str, Any]:
