@@ -277,18 +277,24 @@ def _smol_profile() -> dict[str, Any]:
     # retrieval score instead.
     # Memory: 2 steps of batch 4 x 448 tokens peaked 7.6 GB above the model, 4.5 GB with gradient
     # checkpointing (SmolLM2's 49k-token logits: 4 x 448 x 49,152 x 4 bytes = 0.35 GB per copy), so
-    # batches of 2 x 4 accumulated, with checkpointing; 3 evaluations, not 6
-    st["sft"].update(base_model=smol, max_steps=60, batch_size=2, grad_accum=4, eval_steps=20, seq_len=448, lr=5e-4,
-                     gradient_checkpointing=True, grounded_rows=2400, grounded_abstain_share=0.0,
+    # batches of 2 x 4 accumulated, with checkpointing (1,082 s of training, run smol-full). One
+    # row at a time (1 x 8) needs no checkpointing and no padding: 4 steps of 8 rows of ~450
+    # tokens took 41 s at 2.7 GB against 59 s at 2.7 GB (2 x 4, checkpointing) and 42 s at 4.2 GB
+    # (2 x 4 without), with the same losses (docs/notes/2026-12-05-smol-course.md, "Fifth session");
+    # 3 evaluations, not 6
+    st["sft"].update(base_model=smol, max_steps=60, batch_size=1, grad_accum=8, eval_steps=20, seq_len=448, lr=5e-4,
+                     gradient_checkpointing=False, grounded_rows=2400, grounded_abstain_share=0.0,
                      lora={"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": _LLAMA_ALL})
     # lr 5e-5 moved every implicit-reward margin the right way (accuracy 0 -> 1.0) but flipped no
     # likelihood preference (0.70 -> 0.70, run smol-a): a LoRA on q/k/v/o needs a larger step
     # half the 120 pairs prefer citing (evidence prompts of ~300 tokens with one distractor, hence
     # seq_len 448). With 40 of them the likelihood preference for the cited answer went 0 -> 0.3
-    # but greedy answers still cited 0 of 10 (run smol-full). Gradient checkpointing: without it
-    # the 8 x 448-token sequences of a step peaked at 10.9 GB (run smol-full)
-    st["dpo"].update(max_steps=30, eval_steps=30, batch_size=4, seq_len=448, max_prompt_tokens=384, lr=2e-4, beta=0.1,
-                     cited_pairs=60, cited_eval=10, gradient_checkpointing=True,
+    # but greedy answers still cited 0 of 10 (run smol-full). Memory: without checkpointing the
+    # 8 x 448-token sequences of a batch of 4 pairs peaked at 10.9 GB (run smol-full); one pair at
+    # a time, 4 accumulated, needs no checkpointing: 3 steps in 19 s at 2.6 GB against 30 s at
+    # 5.1 GB (4 pairs, checkpointing), the same losses
+    st["dpo"].update(max_steps=30, eval_steps=30, batch_size=1, grad_accum=4, gradient_checkpointing=False, seq_len=448,
+                     max_prompt_tokens=384, lr=2e-4, beta=0.1, cited_pairs=60, cited_eval=10,
                      lora={"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": _LORA_QKVO})
     # gradient checkpointing, as on the GPU profiles: the activations (the 49k-token logits above
     # all) otherwise outweigh the 4-bit saving in the training peak
