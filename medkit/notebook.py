@@ -41,6 +41,7 @@ def show_environment() -> dict[str, str]:
     v = versions()
     device = config.detect_device("auto")
     v.update(device=device, dtype=config.pick_dtype(device), threads=str(torch.get_num_threads()),
+             cpu_bf16=str(config.cpu_has_native_bf16()),
              colab=str(in_colab()), headless=str(headless()))
     print(" | ".join(f"{k} {val}" for k, val in v.items()))
     return v

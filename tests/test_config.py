@@ -66,6 +66,21 @@ def test_dtype_by_device(monkeypatch):
     assert config.pick_dtype("cuda") == "bfloat16"
 
 
+def test_cpu_bf16_only_where_the_cpu_has_it_and_only_for_stages_that_ask(monkeypatch):
+    """smol asks for bf16 on the CPU for 08's scoring (the eval stage); it gets it only where the
+    CPU multiplies bf16 in hardware (forced here both ways), never on tiny, never for training."""
+    monkeypatch.setenv("MEDKIT_CPU_BF16", "1")
+    assert config.cpu_has_native_bf16()
+    smol = {s: config.resolve("smol", s)["dtype"] for s in ("eval", "sft", "dpo", "cot", "qlora", "t5", "rag", "agent", "serve")}
+    assert smol.pop("eval") == "bfloat16"
+    assert set(smol.values()) == {"float32"}
+    assert config.resolve("smol")["dtype"] == "float32"
+    assert {config.resolve("tiny", s)["dtype"] for s in (None, "sft", "eval")} == {"float32"}
+    monkeypatch.setenv("MEDKIT_CPU_BF16", "0")  # an AVX2-only CPU emulates bf16: fp32 throughout
+    assert not config.cpu_has_native_bf16()
+    assert config.resolve("smol", "eval")["dtype"] == "float32"
+
+
 def test_a_t4_that_emulates_bf16_gets_fp16_everywhere(monkeypatch):
     """Defect 1 of the GPU-profile issue: a T4 reports emulated bf16 as supported."""
     from medkit.serve import loadtest  # noqa: F401  (the serving notebook reads the same dtype)
