@@ -107,9 +107,23 @@ def test_decoder_scorer_agrees_with_the_mcq_module(qwen, mcqs):
     assert abs(sum(right) / sum(counts) - ref["token_accuracy"]) < 1e-9
 
 
+def _full_forward_logprobs(model, tok, prompts, completions):
+    """The reference: every prompt + completion run in full, the log-probability, scored mask and
+    top-1 hit of each completion token."""
+    import torch
+
+    x, attn, y = common.encode_completions(tok, prompts, completions, model.device)
+    with torch.no_grad():
+        logits = model(input_ids=x, attention_mask=attn).logits[:, :-1].float()
+    target = y[:, 1:]
+    mask = target != -100
+    logp = torch.log_softmax(logits, -1).gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return torch.where(mask, logp, torch.zeros_like(logp)), mask, (logits.argmax(-1) == target) & mask
+
+
 def test_shared_prefix_scoring_matches_full_forward_and_runs_each_prompt_once(qwen, mcqs):
     """Options of the same question share one prompt pass; the numbers are those of running
-    every prompt + option in full (``token_logprobs``), whatever order the pairs come in."""
+    every prompt + option in full, whatever order the pairs come in."""
     s = bench.load_scorer(qwen.path, "qwen")
     rows = mcqs[:5]
     pairs = [(common.messages(mcq.question_text(r), mcq.MCQ_SYSTEM), mcq.answer_line(r, i))
@@ -121,7 +135,7 @@ def test_shared_prefix_scoring_matches_full_forward_and_runs_each_prompt_once(qw
         sums, counts, right = common.shared_prefix_logprobs(s.model, s.tok, prompts, comps, batch_size=8)
     finally:
         hook.remove()
-    logp, mask, ok = common.token_logprobs(s.model, s.tok, prompts, comps)
+    logp, mask, ok = _full_forward_logprobs(s.model, s.tok, prompts, comps)
     assert counts == mask.sum(-1).tolist() and right == ok.sum(-1).tolist()
     assert max(abs(a - b) for a, b in zip(sums, logp.sum(-1).tolist())) < 1e-3
     # prompt passes (even calls) hold 5 rows in all, one per question; the option passes 20

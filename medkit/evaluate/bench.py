@@ -211,9 +211,9 @@ class Scorer:
         return sums, counts, right
 
     def _causal_loglik(self, users, completions, system, batch_size):
-        """The numbers of ``train.common.token_logprobs`` (chat template, completion tokens only),
-        computed faster for benchmarks: each distinct prompt runs once and its cache serves every
-        option (``train.common.shared_prefix_logprobs``)."""
+        """Summed log-probability, count and top-1 hits of each completion's tokens after its
+        chat-templated prompt; each distinct prompt runs once and its cache serves every option
+        (``train.common.shared_prefix_logprobs``)."""
         from ..train.common import messages, shared_prefix_logprobs
 
         return shared_prefix_logprobs(self.model, self.tok, [messages(u, system) for u in users], completions,

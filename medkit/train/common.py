@@ -194,31 +194,12 @@ def encode_completions(tok, prompts: list[list[dict[str, str]]], completions: li
     return x, attn, y
 
 
-def token_logprobs(model, tok, prompts: list[list[dict[str, str]]], completions: list[str]):
-    """Per-token log-probabilities of the completions (0 where not scored), the mask of scored
-    positions, and whether the model's top guess was right at each of them."""
-    import torch
-
-    x, attn, y = encode_completions(tok, prompts, completions, model.device)
-    with torch.no_grad():
-        logits = model(input_ids=x, attention_mask=attn).logits[:, :-1]
-    target = y[:, 1:]
-    mask = target != -100
-    # normalise only the scored positions: a second batch x length x vocabulary tensor would
-    # double the peak (16 x 448 x 49,152 fp32 values are 1.4 GB for SmolLM2)
-    scored = logits[mask].float()
-    logp = torch.zeros(target.shape, dtype=torch.float32, device=logits.device)
-    logp[mask] = torch.log_softmax(scored, -1).gather(-1, target[mask].unsqueeze(-1)).squeeze(-1)
-    right = torch.zeros(target.shape, dtype=torch.bool, device=logits.device)
-    right[mask] = scored.argmax(-1) == target[mask]
-    return logp, mask, right
-
-
 def shared_prefix_logprobs(model, tok, prompts: list[list[dict[str, str]]], completions: list[str],
                            batch_size: int = 32) -> tuple[list[float], list[int], list[int]]:
-    """``(sums, counts, right)`` per completion, the numbers of :func:`token_logprobs` (summed
-    log-probability of the completion tokens, how many, and how many the model's top guess got
-    right), computed once per distinct prompt.
+    """``(sums, counts, right)`` per completion: the summed log-probability of the completion
+    tokens (the chat-templated prompt + completion run in full would give the same numbers), how
+    many there are, and how many the model's top guess got right; computed once per distinct
+    prompt.
 
     An MCQ's four options or PubMedQA's yes/no/maybe share one prompt: the prompt runs once
     (``logits_to_keep=1``: only its last position's output head), its key/value cache is copied
