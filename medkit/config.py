@@ -403,9 +403,7 @@ def resolve(profile: str | None = None, stage: str | None = None, **overrides: A
     p = copy.deepcopy(PROFILES[profile])
     device = detect_device(p["device"])
     # ``cpu_bf16``: bf16 on a CPU that has it in hardware (a profile key; a stage may set its own)
-    wants_bf16 = p.get("cpu_bf16", False)
-    if stage is not None and stage in p["stages"]:
-        wants_bf16 = p["stages"][stage].get("cpu_bf16", wants_bf16)
+    wants_bf16 = p["stages"].get(stage, {}).get("cpu_bf16", p.get("cpu_bf16", False))
     cfg: dict[str, Any] = {
         "profile": profile,
         "description": p["description"],

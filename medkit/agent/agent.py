@@ -113,7 +113,7 @@ class MedicalAgent:
         llm = None
         if cfg.get("mode") == "llm":
             from .llm import LLMWriter
-            llm = LLMWriter(cfg["llm_model"], session, dtype=cfg.get("dtype", session.cfg["dtype"]), device=session.cfg["device"],
+            llm = LLMWriter(cfg["llm_model"], session, dtype=cfg["dtype"], device=session.cfg["device"],
                             max_new_tokens=cfg.get("llm_max_new_tokens", DEFAULTS["llm_max_new_tokens"]))
         return cls(kb, retriever, store_path or session.dir / "agent.sqlite", cfg,
                    {c["id"]: c["text"] for c in chunks} | {p["id"]: p["text"] for p in passages},
