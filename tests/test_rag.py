@@ -213,6 +213,37 @@ def test_prompt_injection_in_a_passage_cannot_change_the_system_prompt_or_citati
     assert not obeyed.check["valid"] and obeyed.check["uncited_sentences"]
 
 
+def test_answer_all_gives_what_answer_gives_and_batches_the_writer():
+    answer, texts = _evidence()
+    hits = {"amoxicillin dose?": [("drug.amoxicillin.dose", 0.9), ("cond.gout.treatment", 0.2)],
+            "gout treatment?": [("cond.gout.treatment", 0.8)],
+            "weak retrieval?": [("cond.gout.treatment", 0.1)],
+            "nothing found?": []}
+    search = hits.__getitem__
+    qs = list(hits)
+
+    class Writer:  # what an LLM would write: cites the first passage, or abstains on gout
+        def __init__(self):
+            self.batches = []
+
+        def __call__(self, msgs):
+            return self.many([msgs])[0]
+
+        def many(self, prompts):
+            self.batches.append(len(prompts))
+            return ["Not enough evidence here." if "gout" in m[1]["content"].split("Evidence:")[0]
+                    else "It is 500 mg three times a day [E1]." for m in prompts]
+
+    for gen in (None, Writer()):
+        together = answer.answer_all(qs, search, texts, 0.5, gen)
+        alone = [answer.answer(q, search(q), texts, 0.5, gen) for q in qs]
+        assert [(a.text, a.abstained, a.check) for a in together] == [(a.text, a.abstained, a.check) for a in alone]
+        assert [a.abstained for a in together][2:] == [True, True]  # below min_score; no hit at all
+    assert gen.batches[0] == 2  # one call for both questions retrieval let through, none for the rest
+    assert together[1].abstained and together[1].text == answer.ABSTAIN  # the writer's own abstention
+    assert together[0].check["valid"] and not together[0].abstained
+
+
 @pytest.mark.slow
 def test_the_same_queries_through_a_chroma_server(small_index, tmp_path):
     chunks, _, embedded = small_index

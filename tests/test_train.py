@@ -143,3 +143,63 @@ def test_preference_accuracy_by_kind(base):
     assert acc["by_kind"]["verbose"] == 1.0 and acc["by_kind"]["generic"] == 0.0  # long junk is less likely
     same = dpo.preference_accuracy(model, tok, rows, ref_model=model)
     assert same["overall"] == 0.0 and abs(same["mean_margin"]) < 1e-6  # π = π_ref: every margin is 0
+
+
+def _lora(model, std=0.05):
+    import torch
+    from peft import get_peft_model
+
+    pm = get_peft_model(model, sft.lora_config({"r": 8, "alpha": 16, "dropout": 0.0,
+                                                "target_modules": config._LLAMA_ALL}))
+    torch.manual_seed(0)
+    for name, p in pm.named_parameters():
+        if "lora_B" in name:  # a trained adapter, not the zero update LoRA starts from
+            torch.nn.init.normal_(p, std=std)
+    return pm
+
+
+def test_lora_merged_scores_like_the_adapter_and_gives_the_weights_back(base, qa, monkeypatch):
+    import torch
+
+    model, tok = common.load_causal_lm(str(base.path))
+    pm = _lora(model)
+    prompts, answers = [common.messages(r["question"]) for r in qa[:6]], [r["answer"] for r in qa[:6]]
+    weights = {n: p.detach().clone() for n, p in pm.named_parameters() if "base_layer.weight" in n}
+    merged = common.shared_prefix_logprobs(pm, tok, prompts, answers)[0]
+    with pm.disable_adapter():
+        plain = common.shared_prefix_logprobs(pm, tok, prompts, answers)[0]
+    monkeypatch.setattr(common, "_mergeable_lora_layers", lambda m: None)  # the adapter run as adapter
+    unmerged = common.shared_prefix_logprobs(pm, tok, prompts, answers)[0]
+    monkeypatch.undo()
+    assert max(abs(a - b) for a, b in zip(merged, unmerged)) < 1e-3
+    assert max(abs(a - b) for a, b in zip(merged, plain)) > 0.1  # the adapter changes the scores
+    assert all(float((p - weights[n]).abs().max()) < 1e-5 for n, p in pm.named_parameters() if n in weights)
+    with common.lora_merged(pm) as m:
+        layers = common._mergeable_lora_layers(m) or []
+        assert not layers and any(getattr(x, "merged", False) for x in m.modules())  # merged inside
+    assert not any(getattr(x, "merged", False) for x in pm.modules())  # and out again after
+    with pm.disable_adapter():  # the reference model of DPO: nothing is merged into it
+        assert common._mergeable_lora_layers(pm) is None
+    assert common._mergeable_lora_layers(model.to(torch.bfloat16)) is None  # 16-bit weights would round
+    assert common._mergeable_lora_layers(common.load_causal_lm(str(base.path))[0]) is None  # no adapter
+
+
+def test_generate_batches_by_prompt_length_and_answers_in_prompt_order(base):
+    import torch
+
+    model, tok = common.load_causal_lm(str(base.path))
+    seen = []
+
+    def fake_generate(input_ids, attention_mask, max_new_tokens, **kw):
+        real = attention_mask.sum(-1)
+        seen.append(real.tolist())
+        return torch.cat([input_ids, (300 + real).unsqueeze(-1)], -1)  # "answers" with its prompt length
+
+    model.generate = fake_generate
+    prompts = [common.messages("word " * n) for n in (30, 1, 12, 2, 29, 11)]
+    lengths = [len(tok(tok.apply_chat_template(p, tokenize=False, add_generation_prompt=True),
+                       add_special_tokens=False)["input_ids"]) for p in prompts]
+    assert len({tok.decode([300 + n]) for n in lengths}) == 6
+    out = common.generate(model, tok, prompts, max_new_tokens=1, batch_size=2)
+    assert [o["raw"] for o in out] == [tok.decode([300 + n]) for n in lengths]  # each its own, in order
+    assert seen == [sorted(lengths)[i: i + 2] for i in range(0, 6, 2)]  # short with short, long with long

@@ -99,36 +99,96 @@ def precision_flags(dtype: str) -> dict[str, bool]:
     return {"bf16": dtype == "bfloat16", "fp16": dtype == "float16"}
 
 
+def _mergeable_lora_layers(model) -> list | None:
+    """The LoRA layers of ``model`` when folding them into their weights is safe and worth it:
+    every adapted layer a plain ``nn.Linear`` with fp32 weights, not merged, adapters enabled.
+    ``None`` otherwise (not a PEFT model; 4-bit layers, where a merge would re-quantise; 16-bit
+    weights, where adding and subtracting the update would round them; other tuner layers)."""
+    if not hasattr(model, "peft_config"):
+        return None
+    import torch
+    from peft.tuners.lora import LoraLayer
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    tuned = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    if not tuned or not all(isinstance(m, LoraLayer) for m in tuned):
+        return None
+    for m in tuned:
+        base = m.get_base_layer()
+        if (type(base) is not torch.nn.Linear or base.weight.dtype != torch.float32 or m.merged
+                or m.disable_adapters):
+            return None
+    return tuned
+
+
+class lora_merged:
+    """``with lora_merged(model):`` runs inference with a LoRA model's adapters folded into its
+    weights, then takes them out again. An unmerged adapter adds three small matmuls (dropout,
+    A, B) to every adapted layer on every forward; folded in, the model costs what its base does.
+    On SmolLM2 with LoRA on all seven projections (2 CPU threads) that is ~15% of greedy
+    generation time. Only where ``_mergeable_lora_layers`` says so (fp32 weights: taking the
+    update out again restores them to float rounding); anywhere else it does nothing."""
+
+    def __init__(self, model):
+        self.model, self.layers = model, None
+
+    def __enter__(self):
+        import torch
+
+        self.layers = _mergeable_lora_layers(self.model)
+        if self.layers:
+            with torch.no_grad():
+                for m in self.layers:
+                    m.merge()
+        return self.model
+
+    def __exit__(self, *exc):
+        import torch
+
+        if self.layers:
+            with torch.no_grad():
+                for m in self.layers:
+                    m.unmerge()
+        return False
+
+
 def generate(model, tok, prompts: list[list[dict[str, str]]], max_new_tokens: int = 64,
              batch_size: int = 16, **generate_kwargs: Any) -> list[dict[str, Any]]:
     """Greedy answers to chat prompts (``generate_kwargs`` go to ``model.generate``, e.g.
     ``num_beams``/``length_penalty``). Each result has ``text`` (special tokens removed) and
-    ``stopped`` (the model ended its turn with the template's end token)."""
+    ``stopped`` (the model ended its turn with the template's end token), in the order of
+    ``prompts``; the batches group prompts of similar length, and a LoRA model generates with
+    its adapters folded in (``lora_merged``)."""
     import torch
 
     model.eval()
     old_side = tok.padding_side
     tok.padding_side = "left"
-    out = []
     end_ids = {tok.eos_token_id}
+    texts = [tok.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
+    # batches of similar prompt length: less left padding to run through the model
+    lengths = [len(ids) for ids in tok(texts, add_special_tokens=False)["input_ids"]] if texts else []
+    order = sorted(range(len(texts)), key=lambda k: lengths[k])
+    out: list[dict[str, Any] | None] = [None] * len(texts)
     try:
-        for i in range(0, len(prompts), batch_size):
-            texts = [tok.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
-                     for p in prompts[i: i + batch_size]]
-            enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
-            with torch.no_grad():
-                gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                     pad_token_id=tok.pad_token_id, eos_token_id=list(end_ids),
-                                     **generate_kwargs)
-            for row in gen[:, enc["input_ids"].shape[1]:].tolist():
-                stopped = any(t in end_ids for t in row)
-                if stopped:
-                    row = row[: next(j for j, t in enumerate(row) if t in end_ids)]
-                out.append({"text": tok.decode(row, skip_special_tokens=True).strip(), "stopped": stopped,
-                            "raw": tok.decode(row, skip_special_tokens=False)})
+        with lora_merged(model):
+            for i in range(0, len(order), batch_size):
+                idx = order[i: i + batch_size]
+                enc = tok([texts[k] for k in idx], return_tensors="pt", padding=True,
+                          add_special_tokens=False).to(model.device)
+                with torch.no_grad():
+                    gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                         pad_token_id=tok.pad_token_id, eos_token_id=list(end_ids),
+                                         **generate_kwargs)
+                for k, row in zip(idx, gen[:, enc["input_ids"].shape[1]:].tolist()):
+                    stopped = any(t in end_ids for t in row)
+                    if stopped:
+                        row = row[: next(j for j, t in enumerate(row) if t in end_ids)]
+                    out[k] = {"text": tok.decode(row, skip_special_tokens=True).strip(), "stopped": stopped,
+                              "raw": tok.decode(row, skip_special_tokens=False)}
     finally:
         tok.padding_side = old_side
-    return out
+    return out  # type: ignore[return-value]
 
 
 def template_ok(result: dict[str, Any]) -> bool:
@@ -205,9 +265,8 @@ def shared_prefix_logprobs(model, tok, prompts: list[list[dict[str, str]]], comp
     (``logits_to_keep=1``: only its last position's output head), its key/value cache is copied
     to each of its completions, and only the completion tokens run again and get logits. On a
     benchmark prompt of a few hundred tokens and short options this is the forward work of one
-    option instead of four, and the logits tensor is completion-sized, not prompt-sized."""
-    import torch
-
+    option instead of four, and the logits tensor is completion-sized, not prompt-sized. A LoRA
+    model is scored with its adapters folded in (``lora_merged``)."""
     order: dict[tuple[int, ...], list[int]] = {}
     tails: list[list[int]] = []
     for k, (p, c) in enumerate(zip(prompts, completions)):
@@ -221,6 +280,15 @@ def shared_prefix_logprobs(model, tok, prompts: list[list[dict[str, str]]], comp
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     dev = model.device
     model.eval()
+    with lora_merged(model):
+        _score_groups(model, heads, order, tails, step, pad, dev, sums, counts, right)
+    return sums, counts, right
+
+
+def _score_groups(model, heads, order, tails, step, pad, dev, sums, counts, right) -> None:
+    """``shared_prefix_logprobs``' forward passes: fills ``sums``, ``counts`` and ``right``."""
+    import torch
+
     for s in range(0, len(heads), step):
         group = heads[s: s + step]
         width = max(len(h) for h in group)
@@ -249,7 +317,6 @@ def shared_prefix_logprobs(model, tok, prompts: list[list[dict[str, str]]], comp
         ok = (pred.argmax(-1) == cids) & mask
         for r, (_, k) in enumerate(items):
             sums[k], counts[k], right[k] = float(logp[r].sum()), int(mask[r].sum()), int(ok[r].sum())
-    return sums, counts, right
 
 
 def completion_scores(model, tok, prompts: list[list[dict[str, str]]], answers: list[str],
