@@ -426,6 +426,25 @@ def resolve(profile: str | None = None, stage: str | None = None, **overrides: A
     return cfg
 
 
+def refs_in(cfg: dict[str, Any], scheme: str) -> list[str]:
+    """The names a resolved profile refers to as ``<scheme>:<name>`` anywhere in its stages
+    (``tiny:t5``, ``smol:smollm2-135m``), sorted: 01_data builds or converts exactly those."""
+    found: set[str] = set()
+
+    def walk(v: Any) -> None:
+        if isinstance(v, dict):
+            for x in v.values():
+                walk(x)
+        elif isinstance(v, (list, tuple)):
+            for x in v:
+                walk(x)
+        elif isinstance(v, str) and v.startswith(scheme + ":"):
+            found.add(v.split(":", 1)[1])
+
+    walk(cfg.get("stages", cfg))
+    return sorted(found)
+
+
 def save_config(cfg: dict[str, Any], directory: str | os.PathLike) -> Path:
     """Write the resolved config as ``config.json`` beside an artifact; returns the file's path."""
     directory = Path(directory)

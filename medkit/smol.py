@@ -198,20 +198,9 @@ def quantisation_cost(state: dict[str, Any], tensor_types: dict[str, str]) -> di
 def names_in(cfg: dict[str, Any]) -> list[str]:
     """The shipped models a resolved profile refers to (``smol:<name>`` anywhere in its stages),
     so 01_data converts exactly what the profile uses; none on the other profiles."""
-    found: set[str] = set()
+    from .config import refs_in
 
-    def walk(v: Any) -> None:
-        if isinstance(v, dict):
-            for x in v.values():
-                walk(x)
-        elif isinstance(v, (list, tuple)):
-            for x in v:
-                walk(x)
-        elif isinstance(v, str) and v.startswith("smol:"):
-            found.add(v.split(":", 1)[1])
-
-    walk(cfg.get("stages", cfg))
-    return sorted(found)
+    return refs_in(cfg, "smol")
 
 
 @dataclass

@@ -335,6 +335,19 @@ def build_base(family: str, texts: list[str], tiny: dict[str, Any], seed: int = 
     return TinyBase(family, folder, metrics)
 
 
+def families_in(cfg: dict[str, Any]) -> list[str]:
+    """The tiny families a resolved profile's stages name (``tiny:<family>``), in ``FAMILIES``
+    order: all four on ``tiny``, only the T5 on ``smol`` (02's encoder-decoder comparison), none
+    on the GPU profiles. 01_data pre-trains exactly these."""
+    from .config import refs_in
+
+    named = set(refs_in(cfg, "tiny"))
+    unknown = named - set(FAMILIES)
+    if unknown:
+        raise ValueError(f"profile names unknown tiny families {sorted(unknown)}; choose from {list(FAMILIES)}")
+    return [f for f in FAMILIES if f in named]
+
+
 def build_all(texts: list[str], tiny: dict[str, Any], seed: int = 0, families=FAMILIES,
               progress: bool = True, extra_texts: dict[str, list[str]] | None = None) -> dict[str, TinyBase]:
     """Every tiny base the course uses, keyed by family. ``extra_texts[family]`` is added to

@@ -132,3 +132,17 @@ def test_model_references_point_at_things_that_exist():
                 assert f"tiny_{ref.split(':', 1)[1]}" in artifacts.PRODUCERS
             if ref.startswith("artifact:"):
                 assert ref.split(":", 1)[1] in artifacts.PRODUCERS, f"{name}.{stage}: {ref}"
+
+
+def test_01_builds_the_tiny_bases_and_converts_the_models_each_profile_names():
+    from medkit import smol, tiny
+
+    made = {name: (tiny.families_in(config.resolve(name)), smol.names_in(config.resolve(name)))
+            for name in config.PROFILES}
+    assert made["tiny"] == (list(tiny.FAMILIES), [])
+    assert made["smol"] == (["t5"], ["smollm2-135m"])  # SmolLM2 replaces the tiny decoders; T5 stays tiny
+    assert all(made[name] == ([], []) for name in ("colab-t4", "gpu-24gb"))
+    odd = config.resolve("tiny")
+    odd["stages"]["sft"]["base_model"] = "tiny:gpt2"
+    with pytest.raises(ValueError, match="gpt2"):
+        tiny.families_in(odd)
