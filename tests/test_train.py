@@ -203,3 +203,20 @@ def test_generate_batches_by_prompt_length_and_answers_in_prompt_order(base):
     out = common.generate(model, tok, prompts, max_new_tokens=1, batch_size=2)
     assert [o["raw"] for o in out] == [tok.decode([300 + n]) for n in lengths]  # each its own, in order
     assert seen == [sorted(lengths)[i: i + 2] for i in range(0, 6, 2)]  # short with short, long with long
+
+
+def test_preference_report_is_both_measures_from_two_passes(base):
+    model, tok = common.load_causal_lm(str(base.path))
+    pm = _lora(model, std=0.2)  # an adapter that moves the log-likelihoods
+    rows = [{"prompt": q, "chosen": c, "rejected": r, "rejected_kind": k} for q, c, r, k in [
+        ("What is asthma?", "A chronic airway disease.", "x" * 50, "verbose"),
+        ("What is gout?", "x" * 50, "A type of arthritis.", "generic"),
+        ("How is gout treated?", "With an NSAID or colchicine.", "Ask a doctor.", "generic")]]
+    report = dpo.preference_report(pm, tok, rows, beta=0.1)
+    ref = common.load_causal_lm(str(base.path))[0]  # the model DPO started from, loaded apart
+    assert report["likelihood"] == dpo.preference_accuracy(pm, tok, rows)
+    expected = dpo.preference_accuracy(pm, tok, rows, ref_model=ref, beta=0.1)
+    assert report["reward"]["by_kind"] == expected["by_kind"]
+    assert abs(report["reward"]["mean_margin"] - expected["mean_margin"]) < 1e-4
+    assert abs(report["reward"]["mean_margin"]) > 1e-3  # the adapter is not the reference
+    assert dpo.implicit_reward_accuracy(pm, tok, rows, 0.1) == report["reward"]

@@ -116,10 +116,19 @@ def implicit_reward_accuracy(peft_model, tok, rows: list[dict[str, Any]], beta: 
     """DPO's own measure on held-out pairs: the share whose implicit reward margin
     β·[(log π(c) − log π_ref(c)) − (log π(r) − log π_ref(r))] is > 0, where π_ref is the same
     model with its LoRA adapter switched off (the SFT model DPO started from)."""
+    return preference_report(peft_model, tok, rows, beta)["reward"]
+
+
+def preference_report(peft_model, tok, rows: list[dict[str, Any]], beta: float) -> dict[str, dict[str, Any]]:
+    """``{"likelihood": ..., "reward": ...}``: ``preference_accuracy`` of the model with its
+    adapter and ``implicit_reward_accuracy``, from one scoring pass with the adapter and one
+    without (the two measures share the policy's log-likelihoods; computed apart, they would
+    score every pair with the adapter twice)."""
     policy = _pair_logps(peft_model, tok, rows)
     with peft_model.disable_adapter():
         ref = _pair_logps(peft_model, tok, rows)
-    return _summarise(rows, _reward_margins(policy, ref, beta))
+    return {"likelihood": _summarise(rows, [a - d for a, d in zip(*policy)]),
+            "reward": _summarise(rows, _reward_margins(policy, ref, beta))}
 
 
 def balanced(rows: list[dict[str, Any]], per_kind: int) -> list[dict[str, Any]]:
