@@ -220,3 +220,32 @@ def test_preference_report_is_both_measures_from_two_passes(base):
     assert abs(report["reward"]["mean_margin"] - expected["mean_margin"]) < 1e-4
     assert abs(report["reward"]["mean_margin"]) > 1e-3  # the adapter is not the reference
     assert dpo.implicit_reward_accuracy(pm, tok, rows, 0.1) == report["reward"]
+
+
+def test_fused_lm_head_scores_only_labelled_positions_on_the_cpu(base, qa, monkeypatch):
+    """trl's fused LM head runs every position through the output layer unless the device has
+    Triton; common.score_labelled_positions_only makes the CPU keep only the labelled ones. The
+    loss must not change. This also pins trl's private switch: if trl renames it, this fails."""
+    from trl.trainer import add_fused_lm_head
+    from trl.trainer import utils as trl_utils
+
+    model, tok = common.load_causal_lm(str(base.path))
+    add_fused_lm_head(model)
+    x, attn, y = common.encode_completions(tok, [common.messages(r["question"]) for r in qa[:4]],
+                                           [r["answer"] for r in qa[:4]])
+    scored, chunked = [], trl_utils._ChunkedLogProbFunction
+
+    class Recording:
+        @staticmethod
+        def apply(hidden, *rest):
+            scored.append(hidden.shape[0])
+            return chunked.apply(hidden, *rest)
+
+    monkeypatch.setattr(trl_utils, "_ChunkedLogProbFunction", Recording)
+    monkeypatch.setattr(trl_utils, "_use_triton", lambda device: False)  # trl's own choice on a CPU
+    every = model(input_ids=x, attention_mask=attn, labels=y, fused_lm_head=True).loss
+    assert common.score_labelled_positions_only() and common.score_labelled_positions_only()  # idempotent
+    compact = model(input_ids=x, attention_mask=attn, labels=y, fused_lm_head=True).loss
+    labelled = int((y[:, 1:] != -100).sum())
+    assert scored == [x.shape[0] * (x.shape[1] - 1), labelled] and labelled < scored[0] / 2
+    assert abs(float(every) - float(compact)) < 1e-5

@@ -99,6 +99,38 @@ def precision_flags(dtype: str) -> dict[str, bool]:
     return {"bf16": dtype == "bfloat16", "fp16": dtype == "float16"}
 
 
+def score_labelled_positions_only() -> bool:
+    """Make trl's fused LM head score only the positions that have a label on the CPU too.
+
+    trl's trainers compute the loss with a fused LM head (``trl.trainer.add_fused_lm_head``) that
+    projects hidden states onto the vocabulary in tiles. With Triton (CUDA) it keeps only the
+    positions whose next token has a label; anywhere else it scores every position, so that tile
+    shapes stay fixed for compilers such as Neuron's, and masks the rest out afterwards. On a CPU
+    nothing is compiled, and every prompt token then goes through SmolLM2's 49,152-word output
+    layer for nothing: 06-style evidence rows are ~400 tokens of prompt for ~50 of answer, and the
+    (tokens, 32,768) tiles were 70 MB apiece in 04's training step. trl reads one private switch,
+    ``trl.trainer.utils._use_triton``, for that choice; this wraps it so that a CPU device
+    counts as compact as well. The loss is the same (masked positions add nothing either way).
+    Idempotent; returns False, changing nothing, if trl no longer has that switch
+    (``tests/test_pins.py`` fails then, so the pin is revisited)."""
+    try:
+        from trl.trainer import utils as trl_utils
+    except ImportError:
+        return False
+    current = getattr(trl_utils, "_use_triton", None)
+    if current is None:
+        return False
+    if getattr(current, "medkit_cpu_compact", False):
+        return True
+
+    def use_compact(device, _trl_choice=current):
+        return device.type == "cpu" or _trl_choice(device)
+
+    use_compact.medkit_cpu_compact = True
+    trl_utils._use_triton = use_compact
+    return True
+
+
 def _mergeable_lora_layers(model) -> list | None:
     """The LoRA layers of ``model`` when folding them into their weights is safe and worth it:
     every adapted layer a plain ``nn.Linear`` with fp32 weights, not merged, adapters enabled.

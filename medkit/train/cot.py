@@ -249,6 +249,9 @@ def make_trainer(model, tok, train_rows, eval_rows, cfg: dict[str, Any], out_dir
     turn only (the reasoning and the response)."""
     from trl import SFTConfig, SFTTrainer
 
+    from .common import score_labelled_positions_only
+
+    score_labelled_positions_only()
     steps = cfg["max_steps"]
     args = dict(output_dir=str(out_dir), max_steps=steps, per_device_train_batch_size=cfg["batch_size"],
                 per_device_eval_batch_size=cfg["batch_size"], gradient_accumulation_steps=cfg.get("grad_accum", 4),

@@ -220,6 +220,9 @@ def _measure_child(conn, path, cfg, quantized, rows, steps):
     try:
         from trl.trainer import add_fused_lm_head
 
+        from .common import score_labelled_positions_only
+
+        score_labelled_positions_only()  # as 04's trainer does (qlora.make_trainer)
         model, tok, _ = load_base(path, cfg, quantized)
         weights = weight_footprint(model)
         # the loss as 04's SFTTrainer computes it: per-token log-probabilities from the LM head in
@@ -288,9 +291,11 @@ def make_trainer(peft_model, tok, train_rows, eval_rows, cfg: dict[str, Any], ou
     from trl import SFTTrainer
 
     from ..evaluate import mcq
+    from .common import score_labelled_positions_only
     from .sft import sft_config, to_prompt_completion
 
     extra.setdefault("save_strategy", "no")
+    score_labelled_positions_only()
     trainer = SFTTrainer(model=peft_model, args=sft_config(cfg, out_dir, **extra),
                          train_dataset=to_prompt_completion(mcq.to_sft_rows(train_rows), mcq.MCQ_SYSTEM),
                          eval_dataset=to_prompt_completion(mcq.to_sft_rows(eval_rows), mcq.MCQ_SYSTEM),

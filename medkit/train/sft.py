@@ -74,6 +74,9 @@ def make_trainer(model, tok, train_rows, eval_rows, cfg: dict[str, Any], out_dir
     """An ``SFTTrainer`` with LoRA on ``model`` (a plain transformers model)."""
     from trl import SFTTrainer
 
+    from .common import score_labelled_positions_only
+
+    score_labelled_positions_only()
     return SFTTrainer(model=model, args=sft_config(cfg, out_dir, **extra), train_dataset=to_prompt_completion(train_rows),
                       eval_dataset=to_prompt_completion(eval_rows), processing_class=tok,
                       peft_config=lora_config(cfg["lora"]))
