@@ -112,7 +112,8 @@ def score_labelled_positions_only() -> bool:
     ``trl.trainer.utils._use_triton``, for that choice; this wraps it so that a CPU device
     counts as compact as well. The loss is the same (masked positions add nothing either way).
     Idempotent; returns False, changing nothing, if trl no longer has that switch
-    (``tests/test_pins.py`` fails then, so the pin is revisited)."""
+    (``tests/test_train.py::test_fused_lm_head_scores_only_labelled_positions_on_the_cpu`` fails
+    then, so the trl pin is revisited)."""
     try:
         from trl.trainer import utils as trl_utils
     except ImportError:
