@@ -192,15 +192,11 @@ def answer_all(questions: list[str], search: Callable[[str], list[tuple[str, flo
                top: int = 3) -> list[Answer]:
     """``answer`` for many questions, the same answers; an LLM writer with a ``many`` method
     (``LLMAnswerer``) writes them in batches instead of one at a time."""
+    if generate is None or not hasattr(generate, "many"):
+        return [answer(q, search(q), texts, min_score, generate, top) for q in questions]
     evidence = [make_evidence(search(q)[:top], texts) for q in questions]
     todo = [k for k, ev in enumerate(evidence) if ev and ev[0].score >= min_score]
-    written: dict[int, str] = {}
-    if generate is not None and hasattr(generate, "many"):
-        written = dict(zip(todo, generate.many([build_messages(questions[k], evidence[k]) for k in todo])))
-    for k in todo:
-        if k not in written:
-            written[k] = (generate(build_messages(questions[k], evidence[k])) if generate
-                          else extractive_answer(questions[k], evidence[k]))
+    written = dict(zip(todo, generate.many([build_messages(questions[k], evidence[k]) for k in todo])))
     return [_finish(q, written.get(k), ev) for k, (q, ev) in enumerate(zip(questions, evidence))]
 
 

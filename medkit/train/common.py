@@ -300,6 +300,8 @@ def shared_prefix_logprobs(model, tok, prompts: list[list[dict[str, str]]], comp
     benchmark prompt of a few hundred tokens and short options this is the forward work of one
     option instead of four, and the logits tensor is completion-sized, not prompt-sized. A LoRA
     model is scored with its adapters folded in (``lora_merged``)."""
+    import torch
+
     order: dict[tuple[int, ...], list[int]] = {}
     tails: list[list[int]] = []
     for k, (p, c) in enumerate(zip(prompts, completions)):
@@ -314,42 +316,36 @@ def shared_prefix_logprobs(model, tok, prompts: list[list[dict[str, str]]], comp
     dev = model.device
     model.eval()
     with lora_merged(model):
-        _score_groups(model, heads, order, tails, step, pad, dev, sums, counts, right)
+        for s in range(0, len(heads), step):
+            group = heads[s: s + step]
+            width = max(len(h) for h in group)
+            ids = torch.tensor([[pad] * (width - len(h)) + list(h) for h in group], device=dev)
+            attn = torch.tensor([[0] * (width - len(h)) + [1] * len(h) for h in group], device=dev)
+            pos = (attn.cumsum(-1) - 1).clamp(min=0)
+            items = [(g, k) for g, h in enumerate(group) for k in order[h]]
+            rows = torch.tensor([g for g, _ in items], device=dev)
+            cwidth = max(len(tails[k]) for _, k in items)
+            cids = torch.tensor([tails[k] + [pad] * (cwidth - len(tails[k])) for _, k in items], device=dev)
+            cattn = torch.tensor([[1] * len(tails[k]) + [0] * (cwidth - len(tails[k])) for _, k in items], device=dev)
+            with torch.no_grad():
+                out = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True, logits_to_keep=1)
+                cache = out.past_key_values
+                cache.reorder_cache(rows)  # one copy of its prompt's cache per completion
+                lens = attn.sum(-1)[rows]
+                cpos = lens.unsqueeze(-1) + torch.arange(cwidth, device=dev)
+                logits = model(input_ids=cids, attention_mask=torch.cat([attn[rows], cattn], -1), position_ids=cpos,
+                               past_key_values=cache, use_cache=True).logits
+            # token j of a completion is predicted by the prompt's last position (j = 0) or by
+            # completion position j - 1
+            pred = torch.cat([out.logits[rows, -1:], logits[:, :-1]], 1).float()
+            mask = cattn.bool()
+            logp = torch.log_softmax(pred, -1).gather(-1, cids.unsqueeze(-1)).squeeze(-1)
+            logp = torch.where(mask, logp, torch.zeros_like(logp))
+            ok = (pred.argmax(-1) == cids) & mask
+            for r, (_, k) in enumerate(items):
+                sums[k], counts[k], right[k] = float(logp[r].sum()), int(mask[r].sum()), int(ok[r].sum())
+
     return sums, counts, right
-
-
-def _score_groups(model, heads, order, tails, step, pad, dev, sums, counts, right) -> None:
-    """``shared_prefix_logprobs``' forward passes: fills ``sums``, ``counts`` and ``right``."""
-    import torch
-
-    for s in range(0, len(heads), step):
-        group = heads[s: s + step]
-        width = max(len(h) for h in group)
-        ids = torch.tensor([[pad] * (width - len(h)) + list(h) for h in group], device=dev)
-        attn = torch.tensor([[0] * (width - len(h)) + [1] * len(h) for h in group], device=dev)
-        pos = (attn.cumsum(-1) - 1).clamp(min=0)
-        items = [(g, k) for g, h in enumerate(group) for k in order[h]]
-        rows = torch.tensor([g for g, _ in items], device=dev)
-        cwidth = max(len(tails[k]) for _, k in items)
-        cids = torch.tensor([tails[k] + [pad] * (cwidth - len(tails[k])) for _, k in items], device=dev)
-        cattn = torch.tensor([[1] * len(tails[k]) + [0] * (cwidth - len(tails[k])) for _, k in items], device=dev)
-        with torch.no_grad():
-            out = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True, logits_to_keep=1)
-            cache = out.past_key_values
-            cache.reorder_cache(rows)  # one copy of its prompt's cache per completion
-            lens = attn.sum(-1)[rows]
-            cpos = lens.unsqueeze(-1) + torch.arange(cwidth, device=dev)
-            logits = model(input_ids=cids, attention_mask=torch.cat([attn[rows], cattn], -1), position_ids=cpos,
-                           past_key_values=cache, use_cache=True).logits
-        # token j of a completion is predicted by the prompt's last position (j = 0) or by
-        # completion position j - 1
-        pred = torch.cat([out.logits[rows, -1:], logits[:, :-1]], 1).float()
-        mask = cattn.bool()
-        logp = torch.log_softmax(pred, -1).gather(-1, cids.unsqueeze(-1)).squeeze(-1)
-        logp = torch.where(mask, logp, torch.zeros_like(logp))
-        ok = (pred.argmax(-1) == cids) & mask
-        for r, (_, k) in enumerate(items):
-            sums[k], counts[k], right[k] = float(logp[r].sum()), int(mask[r].sum()), int(ok[r].sum())
 
 
 def completion_scores(model, tok, prompts: list[list[dict[str, str]]], answers: list[str],
