@@ -1,0 +1,41 @@
+"""Repeat 04's training-peak measurement (``qlora._measure_child``, the function the notebook's
+``measure_training_memory`` runs in a child process) outside the notebook, to see its spread.
+
+    .venv/bin/python scripts/probe_qlora_peak.py outputs/runs/<smol run> 4bit   # or: full
+    MALLOC_ARENA_MAX=1 .venv/bin/python scripts/probe_qlora_peak.py outputs/runs/<smol run> 4bit
+
+Needs a finished ``smol`` run (01 and 04: the converted SmolLM2 and 04's stage config). Prints the
+training peak and the loading peak in MB above the process's start, as 04 records them. One
+measurement per call: call it several times for the spread (docs/notes/2026-12-05-smol-course.md,
+"Eighth session", has the figures).
+"""
+import json
+import multiprocessing as mp
+import sys
+from pathlib import Path
+
+from medkit.data import sources
+from medkit.evaluate import mcq
+from medkit.train import qlora
+
+
+def main(run: str, which: str) -> None:
+    run_dir = Path(run)
+    conf = json.loads((run_dir / "04_qlora_phi2" / "config.json").read_text())
+    cfg = {"device": conf["device"], "dtype": conf["dtype"], **conf["stages"]["qlora"], "seed": conf["seed"]}
+    arts = json.loads((run_dir / "artifacts.json").read_text())
+    base = next(v["path"] for k, v in arts.items() if k.startswith("smol_"))
+    data = sources.stage_splits(cfg, arts["datasets"]["path"])
+    rows = mcq.validate(data.train, "train")[: cfg["batch_size"]]  # 04's mem_rows
+    parent, child = mp.Pipe(duplex=False)
+    qlora._measure_child(child, base, cfg, which == "4bit", rows, 3)
+    result = parent.recv()
+    if "error" in result:
+        raise SystemExit(result["error"])
+    print(f"{which}: training peak {result['train_peak_mb']:.0f} MB, loading peak {result['load_peak_mb']:.0f} MB")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 3 or sys.argv[2] not in ("4bit", "full"):
+        raise SystemExit(__doc__)
+    main(sys.argv[1], sys.argv[2])
