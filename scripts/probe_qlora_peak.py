@@ -1,5 +1,5 @@
-"""Repeat 04's training-peak measurement (``qlora._measure_child``, the function the notebook's
-``measure_training_memory`` runs in a child process) outside the notebook, to see its spread.
+"""Repeat 04's training-peak measurement (``qlora.measure_training_memory``, as the notebook calls it:
+a fresh child process per measurement) outside the notebook, to see its spread.
 
     .venv/bin/python scripts/probe_qlora_peak.py outputs/runs/<smol run> 4bit   # or: full
     MALLOC_ARENA_MAX=1 .venv/bin/python scripts/probe_qlora_peak.py outputs/runs/<smol run> 4bit
@@ -10,28 +10,23 @@ measurement per call: call it several times for the spread (docs/notes/2026-12-0
 "Eighth session", has the figures).
 """
 import json
-import multiprocessing as mp
 import sys
 from pathlib import Path
 
+from medkit import artifacts, config
 from medkit.data import sources
 from medkit.evaluate import mcq
-from medkit.train import qlora
+from medkit.train import common, qlora
 
 
 def main(run: str, which: str) -> None:
     run_dir = Path(run)
     conf = json.loads((run_dir / "04_qlora_phi2" / "config.json").read_text())
-    cfg = {"device": conf["device"], "dtype": conf["dtype"], **conf["stages"]["qlora"], "seed": conf["seed"]}
-    arts = json.loads((run_dir / "artifacts.json").read_text())
-    base = next(v["path"] for k, v in arts.items() if k.startswith("smol_"))
-    data = sources.stage_splits(cfg, arts["datasets"]["path"])
+    cfg = config.resolve(conf["profile"], "qlora", seed=conf["seed"])  # what 04's session.stage gives
+    data = sources.stage_splits(cfg, artifacts.get("datasets", run_dir, conf["profile"]))
     rows = mcq.validate(data.train, "train")[: cfg["batch_size"]]  # 04's mem_rows
-    parent, child = mp.Pipe(duplex=False)
-    qlora._measure_child(child, base, cfg, which == "4bit", rows, 3)
-    result = parent.recv()
-    if "error" in result:
-        raise SystemExit(result["error"])
+    result = qlora.measure_training_memory(common.resolve_model_ref(cfg["base_model"]), cfg, rows,
+                                           quantized=which == "4bit")
     print(f"{which}: training peak {result['train_peak_mb']:.0f} MB, loading peak {result['load_peak_mb']:.0f} MB")
 
 
