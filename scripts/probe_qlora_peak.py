@@ -2,7 +2,8 @@
 a fresh child process per measurement) outside the notebook, to see its spread.
 
     .venv/bin/python scripts/probe_qlora_peak.py outputs/runs/<smol run> 4bit   # or: full
-    MALLOC_ARENA_MAX=1 .venv/bin/python scripts/probe_qlora_peak.py outputs/runs/<smol run> 4bit
+    .venv/bin/python scripts/probe_qlora_peak.py outputs/runs/<smol run> 4bit default   # glibc's own
+                                                                   # mmap threshold (04 fixes it)
 
 Needs a finished ``smol`` run (01 and 04: the converted SmolLM2 and 04's stage config). Prints the
 training peak and the loading peak in MB above the process's start, as 04 records them. One
@@ -19,18 +20,20 @@ from medkit.evaluate import mcq
 from medkit.train import common, qlora
 
 
-def main(run: str, which: str) -> None:
+def main(run: str, which: str, allocator: str = "") -> None:
     run_dir = Path(run)
     conf = json.loads((run_dir / "04_qlora_phi2" / "config.json").read_text())
     cfg = config.resolve(conf["profile"], "qlora", seed=conf["seed"])  # what 04's session.stage gives
     data = sources.stage_splits(cfg, artifacts.get("datasets", run_dir, conf["profile"]))
     rows = mcq.validate(data.train, "train")[: cfg["batch_size"]]  # 04's mem_rows
     result = qlora.measure_training_memory(common.resolve_model_ref(cfg["base_model"]), cfg, rows,
-                                           quantized=which == "4bit")
-    print(f"{which}: training peak {result['train_peak_mb']:.0f} MB, loading peak {result['load_peak_mb']:.0f} MB")
+                                           quantized=which == "4bit",
+                                           **({"mmap_threshold": None} if allocator == "default" else {}))
+    print(f"{which} ({result['allocator']} allocator): training peak {result['train_peak_mb']:.0f} MB, "
+          f"loading peak {result['load_peak_mb']:.0f} MB")
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 3 or sys.argv[2] not in ("4bit", "full"):
+    if len(sys.argv) not in (3, 4) or sys.argv[2] not in ("4bit", "full") or sys.argv[3:] not in ([], ["default"]):
         raise SystemExit(__doc__)
-    main(sys.argv[1], sys.argv[2])
+    main(*sys.argv[1:])

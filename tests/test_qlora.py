@@ -1,6 +1,9 @@
 """04_qlora_phi2 and 05_r1_cot_unsloth: MCQ scoring, failure patterns, real 4-bit QLoRA on the
 CPU, the <think> parser and the reasoning-SFT helpers."""
 import json
+import platform
+import subprocess
+import sys
 
 import pytest
 
@@ -147,6 +150,29 @@ def test_memory_is_measured_in_a_separate_process(phi, mcqs):
     m32 = qlora.measure_training_memory(str(phi.path), cfg, mcqs[:4], quantized=False, steps=2)
     assert m4["weights_linear_mb"] < 0.2 * m32["weights_linear_mb"]  # vs fp32 on the CPU
     assert m4["train_peak_mb"] > 0 and m32["train_peak_mb"] > 0 and len(m4["losses"]) == 2
+    if platform.libc_ver()[0] == "glibc":  # the fixed mmap threshold applied in the measuring process
+        assert m4["allocator"] == m32["allocator"] == f"glibc, mmap threshold {qlora.MMAP_THRESHOLD >> 10} KB"
+
+
+def test_fixed_mmap_threshold_returns_freed_blocks():
+    """What the measuring process sets: after it, a freed 4 MB block leaves the process."""
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("mallopt is glibc's")
+    code = ("import ctypes, sys, psutil\n"
+            "from medkit.train import qlora\n"
+            "fixed = sys.argv[1] == 'fixed'\n"
+            "assert not fixed or qlora._return_large_blocks()\n"
+            "libc, rss = ctypes.CDLL('libc.so.6'), lambda: psutil.Process().memory_info().rss\n"
+            "libc.malloc.restype, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_void_p]\n"
+            "libc.free(libc.malloc(8 << 20))  # glibc's default raises its threshold to 8 MB here\n"
+            "base = rss()\n"
+            "blocks = [libc.malloc(4 << 20) for _ in range(16)]\n"
+            "for b in blocks: ctypes.memset(b, 1, 4 << 20)\n"
+            "for b in blocks[:-1]: libc.free(b)\n"
+            "print((rss() - base) >> 20)\n")
+    held = {mode: int(subprocess.run([sys.executable, "-c", code, mode], capture_output=True, text=True,
+                                     check=True).stdout.split()[-1]) for mode in ("fixed", "default")}
+    assert held["fixed"] < 16 < 40 < held["default"], held  # one 4 MB block still held vs most of 64 MB
 
 
 # ---------------------------------------------------------------- <think> parsing and CoT

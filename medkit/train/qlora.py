@@ -188,7 +188,27 @@ def _release_freed_memory() -> None:
         pass
 
 
-def _measure_child(conn, path, cfg, quantized, rows, steps):
+# glibc serves a large allocation with its own mmap and unmaps it when freed, but after the first such
+# free it raises that threshold (up to 32 MB), so a training step's activation-sized blocks then come
+# from the heap and stay in the process after they are freed: RSS grows by the allocator's cache, not
+# by what training holds. A fixed threshold (mallopt) keeps large blocks returning to the system.
+MMAP_THRESHOLD = 1 << 20
+
+
+def _return_large_blocks(threshold: int = MMAP_THRESHOLD) -> bool:
+    """Fix glibc's mmap threshold (``M_MMAP_THRESHOLD``) and trim threshold (``M_TRIM_THRESHOLD``)
+    at ``threshold`` bytes for this process. Returns False where the C library is not glibc."""
+    import ctypes
+
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    return bool(mallopt(m_mmap_threshold, threshold)) and bool(mallopt(m_trim_threshold, threshold))
+
+
+def _measure_child(conn, path, cfg, quantized, rows, steps, mmap_threshold):
     """In a child process: RSS before loading; the peak while loading (the 4-bit path reads
     full-precision weights before quantising them); then, once what loading freed is handed back,
     the peak while training (weights, LoRA, optimiser state and activations), both above the
@@ -203,6 +223,8 @@ def _measure_child(conn, path, cfg, quantized, rows, steps):
     from ..evaluate import mcq
     from .common import encode_completions
 
+    allocator = (f"glibc, mmap threshold {mmap_threshold >> 10} KB"
+                 if mmap_threshold and _return_large_blocks(mmap_threshold) else "default")
     gc.collect()
     base = _rss()
     peak = {"load": base}
@@ -250,7 +272,7 @@ def _measure_child(conn, path, cfg, quantized, rows, steps):
         conn.send({"weights_model_mb": weights["model_mb"], "weights_linear_mb": weights["linear_mb"],
                    "load_mb": (after_load - base) / 2**20, "load_peak_mb": (peak["load"] - base) / 2**20,
                    "train_peak_mb": (peak["train"] - base) / 2**20,
-                   "gpu_peak_mb": gpu_peak, "losses": losses})
+                   "gpu_peak_mb": gpu_peak, "losses": losses, "allocator": allocator})
     except Exception as exc:  # noqa: BLE001 - report it to the parent, which raises
         conn.send({"error": f"{type(exc).__name__}: {exc}"})
     finally:
@@ -259,20 +281,22 @@ def _measure_child(conn, path, cfg, quantized, rows, steps):
 
 
 def measure_training_memory(path: str, cfg: dict[str, Any], rows: list[dict[str, Any]], quantized: bool,
-                            steps: int = 3) -> dict[str, Any]:
+                            steps: int = 3, mmap_threshold: int | None = MMAP_THRESHOLD) -> dict[str, Any]:
     """Load the base (4-bit or full), add LoRA and run ``steps`` training steps on one batch of
     ``rows`` in a separate process, so one measurement cannot leave memory behind for the other.
 
+    The process fixes glibc's mmap threshold at ``mmap_threshold`` bytes (``None``: glibc's
+    default, which keeps freed activation-sized blocks), so its RSS follows what training holds.
     Returns the weights' footprint (from the tensors), and the process's resident memory above
     its starting point after loading and at its peak (polled every 2 ms while training); on a
-    GPU also ``torch.cuda.max_memory_allocated``."""
+    GPU also ``torch.cuda.max_memory_allocated``; ``allocator`` says which setting applied."""
     import multiprocessing as mp
 
     # a fresh interpreter: forking a process that already runs threads (a Jupyter kernel) can
     # deadlock, and a fork would share the parent's pages
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_measure_child, args=(child, path, cfg, quantized, rows, steps))
+    proc = ctx.Process(target=_measure_child, args=(child, path, cfg, quantized, rows, steps, mmap_threshold))
     proc.start()
     child.close()
     try:
