@@ -1,4 +1,6 @@
 """Retrieval building blocks of 06_rag."""
+import json
+
 import numpy as np
 import pytest
 
@@ -318,6 +320,23 @@ def _lso_rows():
     return [{"id": f"{s}{i}", "question": f"What is {name}?" if i != 1 else f"How is {name} treated?",
              "answer": ans, "topic": name, "medquad_source": s}
             for s, items in facts.items() for i, (name, ans) in enumerate(items)]
+
+
+def test_lso_passages_carry_the_page_title_and_never_the_question(tmp_path):
+    from medkit.data import loaders
+    from medkit.rag import lso
+
+    path = tmp_path / "mq.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in [
+        {"id": "a", "source": "GHR", "focus": "Gout", "question": "How is gout inherited?", "answer": "It is not inherited."},
+        {"id": "b", "source": "GHR", "question": "What is eczema?", "answer": "Dry, itchy skin."}]) + "\n")
+    with_focus, without = loaders.load("medquad", path).rows
+    assert lso.passage(with_focus) == "Gout. It is not inherited."
+    assert lso.passage(with_focus, titles=False) == "It is not inherited."
+    # a copy without a focus groups on the question, but the question is never indexed as a title
+    assert without["topic"] == "what is eczema?" and without["title"] is None
+    assert lso.passage(without) == "Dry, itchy skin."
+    assert lso.passage({"answer": " ".join(["w"] * 200), "title": "T"}, max_words=3) == "T. w w w"
 
 
 def test_leave_one_source_out_folds_hold_out_a_source_and_its_foci():

@@ -125,7 +125,9 @@ def _qa(rec, i, source):
 
 def _medquad(rec, i, source):
     row = _qa(rec, i, source)
-    row.update(url=_get(rec, "url"), medquad_source=_get(rec, "source"))
+    # the page's title (MedQuAD's `focus`: the topic of the NIH page the answer is a section of);
+    # None where the file has none (the question is never a title)
+    row.update(url=_get(rec, "url"), medquad_source=_get(rec, "source"), title=row["topic"] or None)
     if not row["topic"]:  # HF MedQuad copies lack a focus; group on the question then
         row["topic"] = row["question"].lower()
     return row

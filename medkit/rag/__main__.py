@@ -34,6 +34,8 @@ def main(argv=None) -> int:
     ev.add_argument("--rerank-layers", type=int, default=None,
                     help="lso encoder reranker: top transformer layers fine-tuned (MiniLM has 6)")
     ev.add_argument("--compare-blends", default="", help="lso encoder reranker: other blends scored beside it, e.g. 0,0.2")
+    ev.add_argument("--no-titles", action="store_true",
+                    help="lso: index each answer alone, without the title (focus) of the page it comes from")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--embedder", default="offline-minilm:int8", help="offline-minilm[:int8] or a hub id")
     sc = sub.add_parser("scale", help="build time and query latency as the corpus grows (course chunks, copied)")
@@ -68,7 +70,8 @@ def main(argv=None) -> int:
         except ValueError as exc:
             print(json.dumps({"error": f"{args.data}: {exc}"}))
             return 2
-        retriever, _ = lso.index(rows, encoder, dense.chroma_client())
+        retriever, _ = lso.index(rows, encoder, dense.chroma_client(), titles=not args.no_titles)
+        out["indexed"] = "answer" if args.no_titles else "page title + answer"
         rr_cfg = {"method": args.rerank_method, **{k: v for k, v in (("steps", args.rerank_steps), ("pool", args.rerank_pool),
                                                                        ("blend", args.rerank_blend),
                                                                        ("max_seq_length", args.rerank_max_tokens),

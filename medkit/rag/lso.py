@@ -234,11 +234,21 @@ def _encoder_report(cfg: dict, tune_limit: int, per_fold: list[dict], cost_ms: l
             "query_ms_p95": float(np.percentile(cost_ms, 95)) if cost_ms else None, "cost_queries": len(cost_ms)}
 
 
-def index(rows: list[dict[str, Any]], encoder, client, max_words: int = 120) -> tuple[pipeline.HybridRetriever, dict]:
-    """Every row's answer (cut to ``max_words``) indexed under the row's id."""
+def passage(row: dict[str, Any], max_words: int = 120, titles: bool = True) -> str:
+    """The text indexed for a row: its answer cut to ``max_words``, after the title of the page it
+    comes from (``title``: MedQuAD's focus) when ``titles`` and the row has one, as a search index
+    stores a page section with its page's title. The title is the same for every answer of a page,
+    so it tells pages apart, never which section answers the question."""
+    text = " ".join(row["answer"].split()[:max_words])
+    return f"{row['title']}. {text}" if titles and row.get("title") else text
+
+
+def index(rows: list[dict[str, Any]], encoder, client, max_words: int = 120,
+          titles: bool = True) -> tuple[pipeline.HybridRetriever, dict]:
+    """Every row's :func:`passage` indexed under the row's id."""
     from .evaluate import build
 
-    docs = [{"id": r["id"], "text": " ".join(r["answer"].split()[:max_words])} for r in rows]
+    docs = [{"id": r["id"], "text": passage(r, max_words, titles)} for r in rows]
     return build(docs, encoder, client)
 
 
