@@ -8,7 +8,7 @@ a fresh child process per measurement) outside the notebook, to see its spread.
 Needs a finished ``smol`` run (01 and 04: the converted SmolLM2 and 04's stage config). Prints the
 training peak and the loading peak in MB above the process's start, as 04 records them. One
 measurement per call: call it several times for the spread (docs/notes/2026-12-05-smol-course.md,
-"Eighth session", has the figures).
+"Eighth session" and "Ninth session", has the figures).
 """
 import json
 import sys
@@ -28,7 +28,7 @@ def main(run: str, which: str, allocator: str = "") -> None:
     rows = mcq.validate(data.train, "train")[: cfg["batch_size"]]  # 04's mem_rows
     result = qlora.measure_training_memory(common.resolve_model_ref(cfg["base_model"]), cfg, rows,
                                            quantized=which == "4bit",
-                                           **({"mmap_threshold": None} if allocator == "default" else {}))
+                                           mmap_threshold=None if allocator == "default" else qlora.MMAP_THRESHOLD)
     print(f"{which} ({result['allocator']} allocator): training peak {result['train_peak_mb']:.0f} MB, "
           f"loading peak {result['load_peak_mb']:.0f} MB")
 

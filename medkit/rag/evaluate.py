@@ -112,8 +112,10 @@ def medquad_eval(rows: list[dict[str, Any]], encoder, client, limit: int | None 
     says the weights used. Files under 200 questions are scored whole with the default weights
     (and ``rerank_train`` then reports the reranker as skipped: nothing to train it on).
     :mod:`medkit.rag.lso` is the protocol for files with several sources."""
+    from .lso import passage
+
     rows = rows[:limit] if limit else rows
-    docs = [{"id": r["id"], "text": " ".join(r["answer"].split()[:max_words])} for r in rows]
+    docs = [{"id": r["id"], "text": passage(r, max_words, titles=False)} for r in rows]
     retriever, _ = build(docs, encoder, client)
     # below ~200 questions a dev split is too small to tune on: score every question, default weights
     dev, test = group_split(rows) if (tune and len(rows) >= 200) else ([], rows)

@@ -175,17 +175,26 @@ def _rss() -> int:
     return psutil.Process().memory_info().rss
 
 
+def _glibc():
+    """glibc through ctypes, or None where the C library is another (macOS, musl)."""
+    import ctypes
+
+    try:
+        lib = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+    return lib if hasattr(lib, "malloc_trim") and hasattr(lib, "mallopt") else None
+
+
 def _release_freed_memory() -> None:
     """Hand memory that Python and torch have freed back to the operating system (glibc keeps
     freed blocks in the process otherwise, and RSS would still count them)."""
-    import ctypes
     import gc
 
     gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc (macOS, musl): RSS may then keep the load's peak
-        pass
+    libc = _glibc()
+    if libc is not None:  # not glibc (macOS, musl): RSS may then keep the load's peak
+        libc.malloc_trim(0)
 
 
 # glibc serves a large allocation with its own mmap and unmaps it when freed, but after the first such
@@ -198,14 +207,11 @@ MMAP_THRESHOLD = 1 << 20
 def _return_large_blocks(threshold: int = MMAP_THRESHOLD) -> bool:
     """Fix glibc's mmap threshold (``M_MMAP_THRESHOLD``) and trim threshold (``M_TRIM_THRESHOLD``)
     at ``threshold`` bytes for this process. Returns False where the C library is not glibc."""
-    import ctypes
-
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):
+    libc = _glibc()
+    if libc is None:
         return False
     m_trim_threshold, m_mmap_threshold = -1, -3
-    return bool(mallopt(m_mmap_threshold, threshold)) and bool(mallopt(m_trim_threshold, threshold))
+    return bool(libc.mallopt(m_mmap_threshold, threshold)) and bool(libc.mallopt(m_trim_threshold, threshold))
 
 
 def _measure_child(conn, path, cfg, quantized, rows, steps, mmap_threshold):
