@@ -126,12 +126,15 @@ def results_markdown(summary: dict[str, Any], source: str = "summary.json") -> s
     if len(calls) > 1:  # a resumed run: which notebooks each invocation ran, and when
         out += ["", "## Invocations (`--resume`)", "", "| started (UTC) | seconds | notebooks run |", "| --- | --- | --- |"]
         out += [f"| {c['started']} | {_value(c['seconds'])} | {', '.join(c['notebooks']) or '-'} |" for c in calls]
-    out += ["", "## Notebooks", "", "| notebook | status | seconds | peak RSS (MB) | figures |",
-            "| --- | --- | --- | --- | --- |"]
+    # beside other notebooks (--jobs) a notebook runs on its share of the cores: say which did
+    shared = any(nb.get("threads") for nb in summary["notebooks"])
+    out += ["", "## Notebooks", "", "| notebook | status | seconds | peak RSS (MB) | figures |"
+            + (" threads |" if shared else ""), "| --- | --- | --- | --- | --- |" + (" --- |" if shared else "")]
     for nb in summary["notebooks"]:
         status = nb["status"] + (" (resumed)" if nb.get("resumed") else "")
         out.append(f"| [{nb['name']}](#{nb['name'].lower()}) | {status} | {_value(nb['seconds'])} | "
-                   f"{_value(nb['peak_rss_mb'])} | {len(nb['metrics'])} |")
+                   f"{_value(nb['peak_rss_mb'])} | {len(nb['metrics'])} |"
+                   + (f" {nb.get('threads') or 'all cores'} |" if shared else ""))
     errors = [nb for nb in summary["notebooks"] if nb.get("error")]
     if errors:
         out += ["", "## Failures", ""] + [f"- {_value(nb['error'])}" for nb in errors]
@@ -175,6 +178,8 @@ def header_cell(summary: dict[str, Any], name: str, source: str) -> str:
         raise ResultsError(f"{source}: notebook {name} did not finish in run {summary['run_id']}")
     facts = summary.get("machine_facts") or {}
     where = f"{facts.get('cores', '?')}-core {facts.get('cpu_model') or 'CPU'}"
+    if nb.get("threads"):
+        where += f", {nb['threads']} thread(s) beside another notebook"
     return (f"{nb['seconds'] / 60:.1f} min (run `{summary['run_id']}`, {str(summary.get('started', ''))[:10]}, {where}) | "
             f"peak RSS {nb['peak_rss_mb'] / 1024:.1f} GB")
 

@@ -17,6 +17,7 @@ import datetime as dt
 import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -54,10 +55,13 @@ class Result:
     metrics: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
     resumed: bool = False
+    threads: int | None = None  # the compute threads it was capped at beside other notebooks; None: every core
 
     def as_summary(self) -> dict[str, Any]:
         out = {"name": self.name, "status": self.status, "seconds": round(self.seconds, 2),
                "peak_rss_mb": round(self.peak_rss_mb, 1), "metrics": self.metrics}
+        if self.threads:
+            out["threads"] = self.threads
         if self.error:
             out["error"] = self.error
         if self.resumed:
@@ -90,9 +94,28 @@ def select(notebooks: list[Path], only: str | None = None, start: str | None = N
     return chosen
 
 
-def depends_of(nb_path: Path) -> list[str]:
-    meta = json.loads(Path(nb_path).read_text()).get("metadata", {}).get("medkit", {})
-    return list(meta.get("depends", DEPENDS.get(nb_path.stem, [])))
+_STAGE_CALL = re.compile(r"""session\.stage\(\s*["']([A-Za-z0-9_]+)["']""")
+
+
+def depends_of(nb_path: Path, profile: str | None = None) -> list[str]:
+    """The notebooks ``nb_path`` needs to have run first: its declared ``depends`` (or ``DEPENDS``),
+    plus, for a ``profile``, the producers of every ``artifact:<name>`` that the stages it reads
+    (``session.stage("rag")``) name. On ``smol`` and the GPU profiles 06 and 07 write with 03's DPO
+    model, so under ``--jobs`` they wait for 03; on ``tiny`` they need only 01."""
+    nb = json.loads(Path(nb_path).read_text())
+    deps = list(nb.get("metadata", {}).get("medkit", {}).get("depends", DEPENDS.get(nb_path.stem, [])))
+    if profile is None:
+        return deps
+    from . import artifacts, config
+
+    stages = config.PROFILES.get(profile, {}).get("stages", {})
+    source = "\n".join("".join(c.get("source", "")) for c in nb.get("cells", []) if c.get("cell_type") == "code")
+    for stage in dict.fromkeys(_STAGE_CALL.findall(source)):
+        for name in config.refs_in({"stages": {stage: stages.get(stage, {})}}, "artifact"):
+            owner = artifacts.PRODUCERS.get(name)
+            if owner and owner != nb_path.stem and owner not in deps:
+                deps.append(owner)
+    return deps
 
 
 def input_key(nb_path: Path, params: dict[str, Any], upstream_keys: list[str]) -> str:
@@ -200,7 +223,7 @@ def execute(nb_path: Path, run_dir: Path, params: dict[str, Any], timeout: float
     seconds = time.perf_counter() - start
     metrics_file = out_dir / "metrics.json"
     metrics = json.loads(metrics_file.read_text()) if metrics_file.exists() else {}
-    result = Result(name, "ok" if rc == 0 else "failed", seconds, mem.peak / 2**20, metrics)
+    result = Result(name, "ok" if rc == 0 else "failed", seconds, mem.peak / 2**20, metrics, threads=threads)
     if rc != 0:
         cell, exc = failed_cell(executed)
         where = f"cell {cell}" if cell else "no cell"
@@ -335,9 +358,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rel-tol", type=float, default=0.10)
     ap.add_argument("--abs-tol", type=float, default=0.02)
     ap.add_argument("--timeout", type=float, default=1800, help="seconds per notebook")
-    ap.add_argument("--jobs", type=int, default=int(os.environ.get("MEDKIT_JOBS", "1")),
+    ap.add_argument("--jobs", type=int, default=int(os.environ["MEDKIT_JOBS"]) if os.environ.get("MEDKIT_JOBS") else None,
                     help="notebooks run side by side when their upstream is done (each gets cores/jobs "
-                         "threads; 09 always runs alone). Timings are then measured under load")
+                         "threads; 09 always runs alone). Timings are then measured under load. "
+                         "Default: $MEDKIT_JOBS, else the profile's `course_jobs` (smol: 2), else 1")
     ap.add_argument("--notebooks-dir", default=str(paths.repo_root() / "notebooks"))
     ap.add_argument("--output-root", default=None, help="default: $MEDKIT_OUTPUT_DIR or outputs/")
     ap.add_argument("--run-id", default=None)
@@ -351,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
     notebooks = discover(Path(args.notebooks_dir))
     if args.list:
         for p in notebooks:
-            deps = depends_of(p)
+            deps = depends_of(p, args.profile)
             print(f"{p.stem}" + (f"  (needs {', '.join(deps)})" if deps else ""))
         return 0
     old = None
@@ -406,7 +430,9 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Result] = {}
     keys: dict[str, str] = {}
     t0 = time.perf_counter()
-    jobs = max(1, args.jobs)
+    from . import config
+
+    jobs = max(1, args.jobs if args.jobs is not None else config.PROFILES.get(args.profile, {}).get("course_jobs", 1))
     # with several notebooks at once each gets an equal share of the cores (exclusive ones all)
     share = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None
     bar = tqdm(total=len(chosen), desc="course", unit="nb", file=sys.stdout)
@@ -414,7 +440,7 @@ def main(argv: list[str] | None = None) -> int:
     def prepare(nb_path: Path) -> bool:
         """Decide skip/resume for a notebook whose upstream has finished; True = run it."""
         name = nb_path.stem
-        deps = depends_of(nb_path)
+        deps = depends_of(nb_path, args.profile)
         bad = [d for d in deps if d in results and results[d].status != "ok"]
         keys[name] = input_key(nb_path, params, [keys.get(d, "") for d in deps])
         if bad:
@@ -426,7 +452,8 @@ def main(argv: list[str] | None = None) -> int:
             done = json.loads(done_file.read_text())
             if done.get("key") == keys[name] and previous[name].get("status") == "ok":
                 p = previous[name]
-                results[name] = Result(name, "ok", p["seconds"], p["peak_rss_mb"], p["metrics"], resumed=True)
+                results[name] = Result(name, "ok", p["seconds"], p["peak_rss_mb"], p["metrics"], resumed=True,
+                                       threads=p.get("threads"))
                 tqdm.write(f"done  {name} (resumed: same inputs)")
                 return False
         done_file.unlink(missing_ok=True)
@@ -471,14 +498,18 @@ def main(argv: list[str] | None = None) -> int:
     chosen_names = {p.stem for p in chosen}
     pending = list(chosen)
     running: dict[Any, str] = {}
+    wide: set[str] = set()  # started alone with every core: nothing starts beside it
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         while pending or running:
             # start, in course order, every notebook whose upstream (in this run) has finished
+            def ready(p: Path) -> bool:
+                return not any(d in chosen_names and d not in results for d in depends_of(p, args.profile))
+
             for nb_path in list(pending):
                 name = nb_path.stem
-                if any(d in chosen_names and d not in results for d in depends_of(nb_path)):
+                if not ready(nb_path):
                     continue
-                exclusive = name in EXCLUSIVE or any(n in EXCLUSIVE for n in running.values())
+                exclusive = name in EXCLUSIVE or any(n in EXCLUSIVE or n in wide for n in running.values())
                 if len(running) >= jobs or (exclusive and running):
                     break
                 pending.remove(nb_path)
@@ -486,7 +517,12 @@ def main(argv: list[str] | None = None) -> int:
                 if not prepare(nb_path):
                     bar.update(1)
                     continue
-                threads = None if name in EXCLUSIVE else share
+                # alone, and nothing else can start before it ends (what is pending waits for it):
+                # it gets every core rather than leaving the others idle
+                alone = not running and not any(ready(p) for p in pending)
+                threads = None if name in EXCLUSIVE or alone else share
+                if alone and share:
+                    wide.add(name)
                 running[pool.submit(execute, nb_path, run_dir, params, args.timeout, args.kernel, threads)] = name
                 if name in EXCLUSIVE:
                     break

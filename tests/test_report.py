@@ -38,6 +38,14 @@ def test_results_document_holds_every_figure_and_the_machine(tmp_path):
     changed = _summary()
     changed["notebooks"][1]["metrics"]["sft.n_test_unseen"] = 7
     assert "| `sft.n_test_unseen` | 7 |" in report.results_markdown(changed)
+    # a notebook run beside another (--jobs) says on how many threads; the others ran on every core
+    side = _summary(jobs=2)
+    side["notebooks"][1]["threads"] = 1
+    text = report.results_markdown(side)
+    assert "| [02_sft](#02_sft) | ok | 95 | 1400 | 2 | 1 |" in text and "| 900.5 | 2 | all cores |" in text
+    assert "threads |" not in report.results_markdown(_summary())
+    assert "1 thread(s) beside another notebook" in report.header_cell(side, "02_sft", "x")
+    assert "beside" not in report.header_cell(side, "01_data", "x")
 
 
 def test_an_old_summary_without_machine_facts_says_not_recorded():

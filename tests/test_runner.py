@@ -179,10 +179,13 @@ def test_jobs_run_independent_notebooks_side_by_side_and_keep_dependencies(tmp_p
             "other = pathlib.Path(output_dir, OTHER + '.here')\nend = time.time() + 120\n"
             "while not other.exists() and time.time() < end:\n    time.sleep(0.2)\n"
             "assert other.exists(), 'the other notebook did not run at the same time'")
-    _fixture(nbdir, "01_a", ["import pathlib, time\ntime.sleep(2)\npathlib.Path(output_dir, 'a.done').touch()"], depends=[])
-    _fixture(nbdir, "02_b", [first, meet.replace("OTHER", "'03_c'")], depends=["01_a"])
+    threads = ("import os, pathlib\npathlib.Path(output_dir, NAME + '.threads')"
+               ".write_text(os.environ.get('OMP_NUM_THREADS', 'unset'))")
+    _fixture(nbdir, "01_a", ["import pathlib, time\ntime.sleep(2)\npathlib.Path(output_dir, 'a.done').touch()", threads],
+             depends=[])
+    _fixture(nbdir, "02_b", [first, meet.replace("OTHER", "'03_c'"), threads], depends=["01_a"])
     _fixture(nbdir, "03_c", [first, meet.replace("OTHER", "'02_b'")], depends=["01_a"])
-    _fixture(nbdir, "04_fails", ["raise ValueError('boom')"], depends=[])
+    _fixture(nbdir, "04_fails", ["raise ValueError('boom')"], depends=["01_a"])
     _fixture(nbdir, "05_needs_04", ["pass"], depends=["04_fails"])
     root = tmp_path / "out"
     r = _run(nbdir, root, "--jobs", "2", "--run-id", "j")
@@ -193,3 +196,19 @@ def test_jobs_run_independent_notebooks_side_by_side_and_keep_dependencies(tmp_p
     status = {nb["name"]: nb["status"] for nb in summary["notebooks"]}
     assert status == {"01_a": "ok", "02_b": "ok", "03_c": "ok", "04_fails": "failed", "05_needs_04": "skipped"}, \
         [nb.get("error") for nb in summary["notebooks"]]
+    # 01 ran with nothing able to start beside it: every core (the runner set no cap); 02 shared
+    out = root / "runs" / "j"
+    assert (out / "01_a.threads").read_text() == os.environ.get("OMP_NUM_THREADS", "unset")
+    assert (out / "02_b.threads").read_text() == str(max(1, (os.cpu_count() or 1) // 2))
+
+
+def test_profile_artifacts_add_dependencies():
+    """06 and 07 write with 03's DPO model on smol and the GPU profiles (`artifact:dpo_model`), so
+    --jobs must not start them beside 02; on tiny they answer without a model and need only 01."""
+    nbdir = run.paths.repo_root() / "notebooks"
+    rag, agent = nbdir / "06_rag.ipynb", nbdir / "07_agent.ipynb"
+    assert run.depends_of(rag, "tiny") == ["01_data"]
+    for profile in ("smol", "colab-t4", "gpu-24gb"):
+        assert "03_dpo" in run.depends_of(rag, profile), profile
+        assert "03_dpo" in run.depends_of(agent, profile), profile
+    assert run.depends_of(nbdir / "04_qlora_phi2.ipynb", "smol") == ["01_data"]
