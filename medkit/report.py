@@ -179,7 +179,8 @@ def header_cell(summary: dict[str, Any], name: str, source: str) -> str:
     facts = summary.get("machine_facts") or {}
     where = f"{facts.get('cores', '?')}-core {facts.get('cpu_model') or 'CPU'}"
     if nb.get("threads"):
-        where += f", {nb['threads']} thread(s) beside another notebook"
+        n = nb["threads"]
+        where += f", on {n} core{'s' if n > 1 else ''} of {facts.get('cores', '?')} beside another notebook"
     return (f"{nb['seconds'] / 60:.1f} min (run `{summary['run_id']}`, {str(summary.get('started', ''))[:10]}, {where}) | "
             f"peak RSS {nb['peak_rss_mb'] / 1024:.1f} GB")
 

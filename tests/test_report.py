@@ -44,7 +44,7 @@ def test_results_document_holds_every_figure_and_the_machine(tmp_path):
     text = report.results_markdown(side)
     assert "| [02_sft](#02_sft) | ok | 95 | 1400 | 2 | 1 |" in text and "| 900.5 | 2 | all cores |" in text
     assert "threads |" not in report.results_markdown(_summary())
-    assert "1 thread(s) beside another notebook" in report.header_cell(side, "02_sft", "x")
+    assert "on 1 core of 2 beside another notebook" in report.header_cell(side, "02_sft", "x")
     assert "beside" not in report.header_cell(side, "01_data", "x")
 
 
