@@ -269,8 +269,9 @@ def _smol_profile() -> dict[str, Any]:
     # one reply at a time from a 135M model uses one core no slower than two (64 greedy tokens in
     # 4.4 s on 2 threads, 4.5 s on 1 with another process beside it), and a LoRA step of 8 rows
     # takes 10.4 s on 2 threads alone while two 1-thread processes side by side finish one every
-    # 9.0 s between them (18.1 s each; 2-core EPYC, scratch probe, 2026-12-06). A notebook that starts with nothing else able to run gets both
-    # cores. Speed figures measured beside another notebook say so (`jobs` in summary.json).
+    # 9.0 s between them (18.1 s each; 2-core EPYC, scratch probe, 2026-12-06). A notebook that
+    # starts with nothing else able to run gets both cores. Each notebook's cap is recorded
+    # (`threads` in summary.json): run smol-r12, 72 min against 85 one at a time (smol-r10).
     p["course_jobs"] = 2
     st = p["stages"]
     # 08 scores every model in bf16 where the CPU multiplies it in hardware (config.cpu_has_native_bf16;

@@ -499,12 +499,14 @@ def main(argv: list[str] | None = None) -> int:
     pending = list(chosen)
     running: dict[Any, str] = {}
     wide: set[str] = set()  # started alone with every core: nothing starts beside it
+
+    def ready(p: Path) -> bool:
+        """Every notebook ``p`` needs (that this invocation runs) has finished."""
+        return not any(d in chosen_names and d not in results for d in depends_of(p, args.profile))
+
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         while pending or running:
             # start, in course order, every notebook whose upstream (in this run) has finished
-            def ready(p: Path) -> bool:
-                return not any(d in chosen_names and d not in results for d in depends_of(p, args.profile))
-
             for nb_path in list(pending):
                 name = nb_path.stem
                 if not ready(nb_path):
