@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import paths, report
+from . import artifacts, config, paths, report
 
 # What each course notebook needs to have run first (a notebook may also declare
 # ``metadata.medkit.depends`` itself; fixture notebooks in tests do).
@@ -106,12 +106,10 @@ def depends_of(nb_path: Path, profile: str | None = None) -> list[str]:
     deps = list(nb.get("metadata", {}).get("medkit", {}).get("depends", DEPENDS.get(nb_path.stem, [])))
     if profile is None:
         return deps
-    from . import artifacts, config
-
     stages = config.PROFILES.get(profile, {}).get("stages", {})
     source = "\n".join("".join(c.get("source", "")) for c in nb.get("cells", []) if c.get("cell_type") == "code")
     for stage in dict.fromkeys(_STAGE_CALL.findall(source)):
-        for name in config.refs_in({"stages": {stage: stages.get(stage, {})}}, "artifact"):
+        for name in config.refs_in(stages.get(stage, {}), "artifact"):
             owner = artifacts.PRODUCERS.get(name)
             if owner and owner != nb_path.stem and owner not in deps:
                 deps.append(owner)
@@ -430,17 +428,16 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Result] = {}
     keys: dict[str, str] = {}
     t0 = time.perf_counter()
-    from . import config
-
     jobs = max(1, args.jobs if args.jobs is not None else config.PROFILES.get(args.profile, {}).get("course_jobs", 1))
     # with several notebooks at once each gets an equal share of the cores (exclusive ones all)
     share = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None
     bar = tqdm(total=len(chosen), desc="course", unit="nb", file=sys.stdout)
+    needs = {p.stem: depends_of(p, args.profile) for p in chosen}  # read each notebook once
 
     def prepare(nb_path: Path) -> bool:
         """Decide skip/resume for a notebook whose upstream has finished; True = run it."""
         name = nb_path.stem
-        deps = depends_of(nb_path, args.profile)
+        deps = needs[name]
         bad = [d for d in deps if d in results and results[d].status != "ok"]
         keys[name] = input_key(nb_path, params, [keys.get(d, "") for d in deps])
         if bad:
@@ -498,11 +495,10 @@ def main(argv: list[str] | None = None) -> int:
     chosen_names = {p.stem for p in chosen}
     pending = list(chosen)
     running: dict[Any, str] = {}
-    wide: set[str] = set()  # started alone with every core: nothing starts beside it
 
     def ready(p: Path) -> bool:
         """Every notebook ``p`` needs (that this invocation runs) has finished."""
-        return not any(d in chosen_names and d not in results for d in depends_of(p, args.profile))
+        return not any(d in chosen_names and d not in results for d in needs[p.stem])
 
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         while pending or running:
@@ -511,7 +507,7 @@ def main(argv: list[str] | None = None) -> int:
                 name = nb_path.stem
                 if not ready(nb_path):
                     continue
-                exclusive = name in EXCLUSIVE or any(n in EXCLUSIVE or n in wide for n in running.values())
+                exclusive = name in EXCLUSIVE or any(n in EXCLUSIVE for n in running.values())
                 if len(running) >= jobs or (exclusive and running):
                     break
                 pending.remove(nb_path)
@@ -523,8 +519,6 @@ def main(argv: list[str] | None = None) -> int:
                 # it gets every core rather than leaving the others idle
                 alone = not running and not any(ready(p) for p in pending)
                 threads = None if name in EXCLUSIVE or alone else share
-                if alone and share:
-                    wide.add(name)
                 running[pool.submit(execute, nb_path, run_dir, params, args.timeout, args.kernel, threads)] = name
                 if name in EXCLUSIVE:
                     break
