@@ -222,6 +222,38 @@ def test_preference_report_is_both_measures_from_two_passes(base):
     assert dpo.implicit_reward_accuracy(pm, tok, rows, 0.1) == report["reward"]
 
 
+def test_preference_report_skips_the_reference_pass_only_when_it_may(base, monkeypatch):
+    """A zero adapter (LoRA before training) is the reference itself: one scoring pass, margins 0.
+    A report given an earlier report's reference scores only the policy, and agrees with one that
+    scores both. A non-zero adapter without a reference still gets its own reference pass."""
+    import torch
+    from peft import get_peft_model
+
+    rows = [{"prompt": q, "chosen": c, "rejected": r, "rejected_kind": k} for q, c, r, k in [
+        ("What is asthma?", "A chronic airway disease.", "x" * 50, "verbose"),
+        ("How is gout treated?", "With an NSAID or colchicine.", "Ask a doctor.", "generic")]]
+    model, tok = common.load_causal_lm(str(base.path))
+    pm = get_peft_model(model, sft.lora_config({"r": 8, "alpha": 16, "dropout": 0.0,
+                                                "target_modules": config._LLAMA_ALL}))
+    passes = []
+    real = dpo._pair_logps
+    monkeypatch.setattr(dpo, "_pair_logps", lambda *a: passes.append(1) or real(*a))
+    before = dpo.preference_report(pm, tok, rows, beta=0.1)
+    assert len(passes) == 1 and before["reward"]["mean_margin"] == 0 and before["reward"]["overall"] == 0
+    torch.manual_seed(0)
+    for name, p in pm.named_parameters():
+        if "lora_B" in name:  # "training" moved the adapter
+            torch.nn.init.normal_(p, std=0.2)
+    passes.clear()
+    fresh = dpo.preference_report(pm, tok, rows, beta=0.1)
+    assert len(passes) == 2 and abs(fresh["reward"]["mean_margin"]) > 1e-3
+    passes.clear()
+    reused = dpo.preference_report(pm, tok, rows, beta=0.1, reference=before["reference"])
+    assert len(passes) == 1
+    assert reused["likelihood"] == fresh["likelihood"] and reused["reward"]["by_kind"] == fresh["reward"]["by_kind"]
+    assert abs(reused["reward"]["mean_margin"] - fresh["reward"]["mean_margin"]) < 1e-5
+
+
 def test_fused_lm_head_scores_only_labelled_positions_on_the_cpu(base, qa, monkeypatch):
     """trl's fused LM head runs every position through the output layer unless the device has
     Triton; common.score_labelled_positions_only makes the CPU keep only the labelled ones. The

@@ -123,16 +123,33 @@ def implicit_reward_accuracy(peft_model, tok, rows: list[dict[str, Any]], beta: 
     return preference_report(peft_model, tok, rows, beta)["reward"]
 
 
-def preference_report(peft_model, tok, rows: list[dict[str, Any]], beta: float) -> dict[str, dict[str, Any]]:
-    """``{"likelihood": ..., "reward": ...}``: ``preference_accuracy`` of the model with its
-    adapter and ``implicit_reward_accuracy``, from one scoring pass with the adapter and one
-    without (the two measures share the policy's log-likelihoods; computed apart, they would
-    score every pair with the adapter twice)."""
+def preference_report(peft_model, tok, rows: list[dict[str, Any]], beta: float,
+                      reference: tuple[list[float], list[float]] | None = None) -> dict[str, Any]:
+    """``{"likelihood": ..., "reward": ..., "reference": ...}``: ``preference_accuracy`` of the
+    model with its adapter and ``implicit_reward_accuracy``. Both share the policy's
+    log-likelihoods (one scoring pass with the adapter); the reward also needs the reference's,
+    the same model with its adapter switched off. That second pass is skipped when:
+
+    - ``reference`` is given: the (chosen, rejected) log-likelihoods a report on the same rows
+      returned earlier as its ``"reference"``. Training moves only the adapter, so 03 scores the
+      reference once, before DPO, and reuses it after;
+    - the adapter is still zero (LoRA's B matrices start at 0, so before training the policy *is*
+      the reference, and every reward margin is 0 by construction)."""
     policy = _pair_logps(peft_model, tok, rows)
-    with peft_model.disable_adapter():
-        ref = _pair_logps(peft_model, tok, rows)
+    if reference is None:
+        if _adapter_is_zero(peft_model):
+            reference = policy
+        else:
+            with peft_model.disable_adapter():
+                reference = _pair_logps(peft_model, tok, rows)
     return {"likelihood": _summarise(rows, [a - d for a, d in zip(*policy)]),
-            "reward": _summarise(rows, _reward_margins(policy, ref, beta))}
+            "reward": _summarise(rows, _reward_margins(policy, reference, beta)), "reference": reference}
+
+
+def _adapter_is_zero(peft_model) -> bool:
+    """True when every LoRA B matrix is exactly zero: the adapter adds nothing to any layer."""
+    bs = [p for n, p in peft_model.named_parameters() if "lora_B" in n]
+    return bool(bs) and all(not p.detach().any() for p in bs)
 
 
 def balanced(rows: list[dict[str, Any]], per_kind: int) -> list[dict[str, Any]]:
