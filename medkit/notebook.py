@@ -6,6 +6,9 @@ import importlib.metadata as md
 import os
 import platform
 import random
+import signal
+import sys
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -94,6 +97,43 @@ class Session:
         return artifacts.get(name, self.run_dir, profile=self.profile)
 
 
+THREAD_CONTROL_ENV = "MEDKIT_THREAD_CONTROL"
+
+
+def follow_thread_control() -> bool:
+    """Under ``medkit.run --jobs`` a notebook that shares the cores starts with its share of the
+    compute threads; when its partner finishes, the runner gives the idle cores back. It writes
+    the new count to the file named by ``MEDKIT_THREAD_CONTROL`` and sends SIGUSR1. Python runs
+    the handler in the kernel's main thread between two bytecodes (never inside a matrix
+    multiply), where ``torch.set_num_threads`` applies to everything that runs next. The handler
+    is installed here, then ``<file>.pid`` says so, and a count written before that is applied at
+    once. Returns False where there is nothing to follow (no runner, no SIGUSR1 on Windows, or
+    not the main thread)."""
+    path = os.environ.get(THREAD_CONTROL_ENV)
+    if not path or not hasattr(signal, "SIGUSR1") or threading.current_thread() is not threading.main_thread():
+        return False
+    control = Path(path)
+
+    def apply(*_: Any) -> None:
+        try:
+            n = int(control.read_text().strip())
+        except (OSError, ValueError):  # not written yet, or being written: the next signal brings it
+            return
+        if n < 1:
+            return
+        if "torch" in sys.modules:
+            import torch
+
+            if torch.get_num_threads() != n:
+                torch.set_num_threads(n)
+        os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(n)  # for what loads later
+
+    signal.signal(signal.SIGUSR1, apply)
+    control.with_name(control.name + ".pid").write_text(str(os.getpid()))
+    apply()
+    return True
+
+
 def start(name: str, profile: str = config.DEFAULT_PROFILE, seed: int = 0,
           output_dir: str | os.PathLike | None = None, quiet: bool = False) -> Session:
     """Begin a notebook: resolve the profile, seed, create ``<output_dir>/<name>/`` and print
@@ -102,6 +142,7 @@ def start(name: str, profile: str = config.DEFAULT_PROFILE, seed: int = 0,
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg = config.resolve(profile)
     set_seed(seed)
+    follow_thread_control()
     session = Session(name=name, profile=profile, seed=seed, run_dir=run_dir.resolve(), cfg=cfg)
     config.save_config({k: v for k, v in cfg.items()} | {"seed": seed, "notebook": name}, session.dir)
     if not quiet:

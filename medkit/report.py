@@ -134,7 +134,7 @@ def results_markdown(summary: dict[str, Any], source: str = "summary.json") -> s
         status = nb["status"] + (" (resumed)" if nb.get("resumed") else "")
         out.append(f"| [{nb['name']}](#{nb['name'].lower()}) | {status} | {_value(nb['seconds'])} | "
                    f"{_value(nb['peak_rss_mb'])} | {len(nb['metrics'])} |"
-                   + (f" {nb.get('threads') or 'all cores'} |" if shared else ""))
+                   + (f" {_threads_cell(nb)} |" if shared else ""))
     errors = [nb for nb in summary["notebooks"] if nb.get("error")]
     if errors:
         out += ["", "## Failures", ""] + [f"- {_value(nb['error'])}" for nb in errors]
@@ -146,6 +146,14 @@ def results_markdown(summary: dict[str, Any], source: str = "summary.json") -> s
         out += ["| figure | value |", "| --- | --- |"]
         out += [f"| `{k}` | {_value(v)} |" for k, v in sorted(nb["metrics"].items())]
     return "\n".join(out) + "\n"
+
+
+def _threads_cell(nb: dict[str, Any]) -> str:
+    """"1", "1, then 2 from 530 s" (the runner gave it idle cores back), or "all cores"."""
+    if not nb.get("threads"):
+        return "all cores"
+    later = "".join(f", then {n} from {t:.0f} s" for t, n in nb.get("threads_later") or [])
+    return f"{nb['threads']}{later}"
 
 
 def write_results(run: str | Path | None = None, out: str | Path | None = None) -> Path:
@@ -181,6 +189,8 @@ def header_cell(summary: dict[str, Any], name: str, source: str) -> str:
     if nb.get("threads"):
         n = nb["threads"]
         where += f", on {n} core{'s' if n > 1 else ''} of {facts.get('cores', '?')} beside another notebook"
+        for t, k in nb.get("threads_later") or []:
+            where += f", {k} from minute {t / 60:.1f}"
     return (f"{nb['seconds'] / 60:.1f} min (run `{summary['run_id']}`, {str(summary.get('started', ''))[:10]}, {where}) | "
             f"peak RSS {nb['peak_rss_mb'] / 1024:.1f} GB")
 

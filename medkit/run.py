@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from . import artifacts, config, paths, report
+from .notebook import THREAD_CONTROL_ENV
 
 # What each course notebook needs to have run first (a notebook may also declare
 # ``metadata.medkit.depends`` itself; fixture notebooks in tests do).
@@ -56,12 +57,15 @@ class Result:
     error: str | None = None
     resumed: bool = False
     threads: int | None = None  # the compute threads it was capped at beside other notebooks; None: every core
+    threads_later: list[list[float]] | None = None  # [[seconds after its start, threads], ...]: cores given back
 
     def as_summary(self) -> dict[str, Any]:
         out = {"name": self.name, "status": self.status, "seconds": round(self.seconds, 2),
                "peak_rss_mb": round(self.peak_rss_mb, 1), "metrics": self.metrics}
         if self.threads:
             out["threads"] = self.threads
+        if self.threads_later:
+            out["threads_later"] = self.threads_later
         if self.error:
             out["error"] = self.error
         if self.resumed:
@@ -184,6 +188,33 @@ def failed_cell(executed: Path) -> tuple[int | None, str]:
     return None, "no cell recorded an error (killed, timed out, or the kernel died)"
 
 
+def thread_control(run_dir: Path, name: str) -> Path:
+    """The file through which the runner changes a capped notebook's threads while it runs
+    (``notebook.follow_thread_control`` in its kernel)."""
+    return Path(run_dir) / name / "threads.ctl"
+
+
+def set_threads(control: Path, n: int) -> bool:
+    """Ask the kernel that follows ``control`` to use ``n`` compute threads from now on. Writes
+    the count, then sends SIGUSR1 to the pid the kernel wrote, but only to a process whose
+    environment names this very file (a pid can be reused once its kernel has exited). False
+    when no kernel was signalled: it has not reached ``notebook.start`` yet, and reads the count
+    when it does."""
+    import psutil
+
+    tmp = control.with_name(control.name + ".tmp")
+    tmp.write_text(f"{n}\n")
+    tmp.replace(control)
+    try:
+        proc = psutil.Process(int(control.with_name(control.name + ".pid").read_text()))
+        if proc.environ().get(THREAD_CONTROL_ENV) != str(control):
+            return False
+        proc.send_signal(signal.SIGUSR1)
+    except (OSError, ValueError, psutil.Error):
+        return False
+    return True
+
+
 def execute(nb_path: Path, run_dir: Path, params: dict[str, Any], timeout: float | None,
             kernel: str, threads: int | None = None) -> Result:
     """Run one notebook with papermill in a child process; never raises for a notebook failure.
@@ -200,8 +231,12 @@ def execute(nb_path: Path, run_dir: Path, params: dict[str, Any], timeout: float
     for key, value in params.items():
         cmd += ["-p", key, str(value)] if isinstance(value, str) else ["-y", f"{key}: {json.dumps(value)}"]
     env = dict(os.environ, MEDKIT_HEADLESS="1", PYTHONUNBUFFERED="1", MPLBACKEND="Agg")
+    control = thread_control(run_dir, name)
+    for stale in (control, control.with_name(control.name + ".pid")):
+        stale.unlink(missing_ok=True)
     if threads:
         env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+        env[THREAD_CONTROL_ENV] = str(control)  # the runner may give it more cores later
     start = time.perf_counter()
     timed_out = False
     with open(log, "w") as logf:
@@ -219,6 +254,8 @@ def execute(nb_path: Path, run_dir: Path, params: dict[str, Any], timeout: float
                     os.killpg(proc.pid, signal.SIGKILL)
                     rc = proc.wait()
     seconds = time.perf_counter() - start
+    for used in (control, control.with_name(control.name + ".pid")):
+        used.unlink(missing_ok=True)
     metrics_file = out_dir / "metrics.json"
     metrics = json.loads(metrics_file.read_text()) if metrics_file.exists() else {}
     result = Result(name, "ok" if rc == 0 else "failed", seconds, mem.peak / 2**20, metrics, threads=threads)
@@ -358,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout", type=float, default=1800, help="seconds per notebook")
     ap.add_argument("--jobs", type=int, default=int(os.environ["MEDKIT_JOBS"]) if os.environ.get("MEDKIT_JOBS") else None,
                     help="notebooks run side by side when their upstream is done (each gets cores/jobs "
-                         "threads; 09 always runs alone). Timings are then measured under load. "
+                         "threads, and the idle cores back when its partner ends; 09 always runs alone). Timings are then measured under load. "
                          "Default: $MEDKIT_JOBS, else the profile's `course_jobs` (smol: 2), else 1")
     ap.add_argument("--notebooks-dir", default=str(paths.repo_root() / "notebooks"))
     ap.add_argument("--output-root", default=None, help="default: $MEDKIT_OUTPUT_DIR or outputs/")
@@ -450,7 +487,7 @@ def main(argv: list[str] | None = None) -> int:
             if done.get("key") == keys[name] and previous[name].get("status") == "ok":
                 p = previous[name]
                 results[name] = Result(name, "ok", p["seconds"], p["peak_rss_mb"], p["metrics"], resumed=True,
-                                       threads=p.get("threads"))
+                                       threads=p.get("threads"), threads_later=p.get("threads_later"))
                 tqdm.write(f"done  {name} (resumed: same inputs)")
                 return False
         done_file.unlink(missing_ok=True)
@@ -482,6 +519,8 @@ def main(argv: list[str] | None = None) -> int:
         return summary
 
     def finish(name: str, res: Result) -> None:
+        current.pop(name, None)
+        res.threads_later = changes.pop(name, None)
         results[name] = res
         if res.status == "ok":
             (run_dir / name / "done.json").write_text(json.dumps({"key": keys[name]}) + "\n")
@@ -495,6 +534,23 @@ def main(argv: list[str] | None = None) -> int:
     chosen_names = {p.stem for p in chosen}
     pending = list(chosen)
     running: dict[Any, str] = {}
+    cores = os.cpu_count() or 1
+    current: dict[str, int] = {}  # running notebooks that started capped: their threads now
+    begun: dict[str, float] = {}
+    changes: dict[str, list[list[float]]] = {}
+
+    def rebalance() -> None:
+        """Split the cores among the notebooks running now: when a partner finishes and nothing
+        can start in its place (what is pending waits for a running notebook, or for the machine
+        to itself), the capped notebook gets the idle cores back; when a new partner starts
+        beside a widened one, it goes back to its share."""
+        live = [n for f, n in running.items() if not f.done()]  # one that just ended has cleaned up
+        each = max(1, cores // max(len(live), 1))
+        for name in [n for n in live if n in current and current[n] != each]:
+            current[name] = each
+            set_threads(thread_control(run_dir, name), each)
+            changes.setdefault(name, []).append([round(time.perf_counter() - begun[name], 1), each])
+            tqdm.write(f"cores {name}: {each} thread{'s' if each > 1 else ''} from now")
 
     def ready(p: Path) -> bool:
         """Every notebook ``p`` needs (that this invocation runs) has finished."""
@@ -519,11 +575,14 @@ def main(argv: list[str] | None = None) -> int:
                 # it gets every core rather than leaving the others idle
                 alone = not running and not any(ready(p) for p in pending)
                 threads = None if name in EXCLUSIVE or alone else share
+                if threads:
+                    current[name], begun[name] = threads, time.perf_counter()
                 running[pool.submit(execute, nb_path, run_dir, params, args.timeout, args.kernel, threads)] = name
                 if name in EXCLUSIVE:
                     break
             if not running:
                 continue
+            rebalance()
             done, _ = wait(list(running), return_when=FIRST_COMPLETED)
             for fut in done:
                 finish(running.pop(fut), fut.result())

@@ -46,6 +46,10 @@ def test_results_document_holds_every_figure_and_the_machine(tmp_path):
     assert "threads |" not in report.results_markdown(_summary())
     assert "on 1 core of 2 beside another notebook" in report.header_cell(side, "02_sft", "x")
     assert "beside" not in report.header_cell(side, "01_data", "x")
+    # the runner gave it the idle core when its partner finished
+    side["notebooks"][1]["threads_later"] = [[530.4, 2]]
+    assert "| 1400 | 2 | 1, then 2 from 530 s |" in report.results_markdown(side)
+    assert "on 1 core of 2 beside another notebook, 2 from minute 8.8" in report.header_cell(side, "02_sft", "x")
 
 
 def test_an_old_summary_without_machine_facts_says_not_recorded():

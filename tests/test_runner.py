@@ -202,6 +202,35 @@ def test_jobs_run_independent_notebooks_side_by_side_and_keep_dependencies(tmp_p
     assert (out / "02_b.threads").read_text() == str(max(1, (os.cpu_count() or 1) // 2))
 
 
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="giving a core back needs two")
+def test_a_capped_notebook_gets_the_idle_cores_when_its_partner_finishes(tmp_path):
+    """--jobs 2: 02 and 03 start side by side on a share of the cores each; 03 ends first and
+    nothing is left to start, so the runner gives 02 every core while it runs (its kernel's own
+    torch thread count changes), and the summary records when."""
+    nbdir = tmp_path / "nbs"
+    wait_for_b = ("import pathlib, time\nend = time.time() + 120\n"
+                  "while not pathlib.Path(output_dir, 'b.started').exists() and time.time() < end:\n    time.sleep(0.2)")
+    follow = ("import pathlib, time, torch\nfrom medkit import notebook\nassert notebook.follow_thread_control()\n"
+              "first = torch.get_num_threads()\npathlib.Path(output_dir, 'b.started').touch()\n"
+              "end = time.time() + 120\nwhile torch.get_num_threads() == first and time.time() < end:\n"
+              "    time.sleep(0.2)\npathlib.Path(output_dir, 'b.threads').write_text(f'{first} {torch.get_num_threads()}')")
+    _fixture(nbdir, "01_a", ["x = 1"], depends=[])
+    _fixture(nbdir, "02_b", [follow], depends=["01_a"])
+    _fixture(nbdir, "03_c", [wait_for_b], depends=["01_a"])
+    root = tmp_path / "out"
+    r = _run(nbdir, root, "--jobs", "2", "--run-id", "g")
+    assert r.returncode == 0, r.stdout + r.stderr
+    out = root / "runs" / "g"
+    cores = os.cpu_count()
+    assert (out / "b.threads").read_text() == f"{cores // 2} {cores}"
+    summary = {nb["name"]: nb for nb in json.loads((out / "summary.json").read_text())["notebooks"]}
+    assert summary["02_b"]["threads"] == cores // 2
+    [(after, n)] = summary["02_b"]["threads_later"]
+    assert n == cores and 0 < after < summary["02_b"]["seconds"]
+    assert "threads_later" not in summary["03_c"]
+    assert not list(out.glob("*/threads.ctl*"))  # the control files go with the kernel
+
+
 def test_profile_artifacts_add_dependencies():
     """06 and 07 write with 03's DPO model on smol and the GPU profiles (`artifact:dpo_model`), so
     --jobs must not start them beside 02; on tiny they answer without a model and need only 01."""
