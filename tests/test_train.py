@@ -254,6 +254,20 @@ def test_preference_report_skips_the_reference_pass_only_when_it_may(base, monke
     assert abs(reused["reward"]["mean_margin"] - fresh["reward"]["mean_margin"]) < 1e-5
 
 
+def test_dpo_trainer_evaluates_unless_the_profile_says_eval_steps_0(base, tmp_path):
+    """smol sets dpo.eval_steps 0: 03's report after training scores the held-out pairs, so trl
+    does not score them again inside training; any other value (or none) evaluates as before."""
+    model, tok = common.load_causal_lm(str(base.path))
+    rows = [{"prompt": f"What is condition {i}?", "chosen": "A specific answer.", "rejected": "Ask a doctor.",
+             "rejected_kind": "generic"} for i in range(4)]
+    quiet = dpo.make_trainer(model, tok, rows, rows, config.resolve("tiny", "dpo", eval_steps=0), tmp_path / "a")
+    assert quiet.args.eval_strategy == "no" and quiet.eval_dataset is None
+    assert config.resolve("smol", "dpo")["eval_steps"] == 0
+    model, tok = common.load_causal_lm(str(base.path))
+    usual = dpo.make_trainer(model, tok, rows, rows, config.resolve("tiny", "dpo"), tmp_path / "b")
+    assert usual.args.eval_strategy == "steps" and len(usual.eval_dataset) == 4
+
+
 def test_fused_lm_head_scores_only_labelled_positions_on_the_cpu(base, qa, monkeypatch):
     """trl's fused LM head runs every position through the output layer unless the device has
     Triton; common.score_labelled_positions_only makes the CPU keep only the labelled ones. The

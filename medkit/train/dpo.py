@@ -49,7 +49,9 @@ def to_dataset(rows: list[dict[str, Any]], system: str = SYSTEM_PROMPT):
 
 def make_trainer(model, tok, train_rows, eval_rows, cfg: dict[str, Any], out_dir, **extra: Any):
     """A ``DPOTrainer`` with a LoRA adapter on ``model``; the frozen model (adapter disabled)
-    is the reference, so no second copy is held in memory."""
+    is the reference, so no second copy is held in memory. It evaluates ``eval_rows`` every
+    ``eval_steps`` (default: half the steps); ``eval_steps: 0`` (or no rows) trains without
+    evaluating, for a profile where 03's own report after training scores the same pairs."""
     from trl import DPOConfig, DPOTrainer
 
     from .common import score_labelled_positions_only
@@ -57,17 +59,19 @@ def make_trainer(model, tok, train_rows, eval_rows, cfg: dict[str, Any], out_dir
     score_labelled_positions_only()
 
     steps = cfg["max_steps"]
+    evaluate = bool(eval_rows) and cfg.get("eval_steps") != 0
     args = dict(output_dir=str(out_dir), max_steps=steps, per_device_train_batch_size=cfg["batch_size"],
                 per_device_eval_batch_size=cfg["batch_size"], gradient_accumulation_steps=cfg.get("grad_accum", 1),
                 learning_rate=cfg["lr"], lr_scheduler_type="cosine", warmup_steps=max(1, steps // 20),
-                logging_steps=max(1, steps // 30), eval_strategy="steps", eval_steps=cfg.get("eval_steps") or max(10, steps // 2),
+                logging_steps=max(1, steps // 30), eval_strategy="steps" if evaluate else "no",
+                eval_steps=(cfg.get("eval_steps") or max(10, steps // 2)) if evaluate else None,
                 save_strategy="no", beta=cfg["beta"], loss_type=[cfg["loss_type"]], max_length=cfg["seq_len"],
                 report_to="none", seed=cfg.get("seed", 0), use_cpu=cfg["device"] == "cpu",
                 gradient_checkpointing=cfg.get("gradient_checkpointing", False),
                 dataloader_num_workers=0, **precision_flags(cfg["dtype"]))
     args.update(extra)
     return DPOTrainer(model=model, args=DPOConfig(**args), train_dataset=to_dataset(train_rows),
-                      eval_dataset=to_dataset(eval_rows), processing_class=tok, peft_config=lora_config(cfg["lora"]))
+                      eval_dataset=to_dataset(eval_rows) if evaluate else None, processing_class=tok, peft_config=lora_config(cfg["lora"]))
 
 
 def completion_logps(model, tok, prompts: list, completions: list[str], batch_size: int = 16) -> list[float]:
