@@ -395,8 +395,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout", type=float, default=1800, help="seconds per notebook")
     ap.add_argument("--jobs", type=int, default=int(os.environ["MEDKIT_JOBS"]) if os.environ.get("MEDKIT_JOBS") else None,
                     help="notebooks run side by side when their upstream is done (each gets cores/jobs "
-                         "threads, and the idle cores back when its partner ends; 09 always runs alone). Timings are then measured under load. "
-                         "Default: $MEDKIT_JOBS, else the profile's `course_jobs` (smol: 2), else 1")
+                         "threads, and the idle cores back when its partner ends; 09 always runs alone). "
+                         "Timings are then measured under load. Default: $MEDKIT_JOBS, else the profile's "
+                         "`course_jobs` (smol: 2), else 1")
     ap.add_argument("--notebooks-dir", default=str(paths.repo_root() / "notebooks"))
     ap.add_argument("--output-root", default=None, help="default: $MEDKIT_OUTPUT_DIR or outputs/")
     ap.add_argument("--run-id", default=None)

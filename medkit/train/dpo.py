@@ -71,7 +71,8 @@ def make_trainer(model, tok, train_rows, eval_rows, cfg: dict[str, Any], out_dir
                 dataloader_num_workers=0, **precision_flags(cfg["dtype"]))
     args.update(extra)
     return DPOTrainer(model=model, args=DPOConfig(**args), train_dataset=to_dataset(train_rows),
-                      eval_dataset=to_dataset(eval_rows) if evaluate else None, processing_class=tok, peft_config=lora_config(cfg["lora"]))
+                      eval_dataset=to_dataset(eval_rows) if evaluate else None, processing_class=tok,
+                      peft_config=lora_config(cfg["lora"]))
 
 
 def completion_logps(model, tok, prompts: list, completions: list[str], batch_size: int = 16) -> list[float]:
