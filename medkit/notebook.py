@@ -100,6 +100,11 @@ class Session:
 THREAD_CONTROL_ENV = "MEDKIT_THREAD_CONTROL"
 
 
+def thread_control_pid(control: Path) -> Path:
+    """Where a kernel that follows ``control`` writes its pid (the runner signals only that pid)."""
+    return control.with_name(control.name + ".pid")
+
+
 def follow_thread_control() -> bool:
     """Under ``medkit.run --jobs`` a notebook that shares the cores starts with its share of the
     compute threads; when its partner finishes, the runner gives the idle cores back. It writes
@@ -129,7 +134,7 @@ def follow_thread_control() -> bool:
         os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(n)  # for what loads later
 
     signal.signal(signal.SIGUSR1, apply)
-    control.with_name(control.name + ".pid").write_text(str(os.getpid()))
+    thread_control_pid(control).write_text(str(os.getpid()))
     apply()
     return True
 

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from . import artifacts, config, paths, report
-from .notebook import THREAD_CONTROL_ENV
+from .notebook import THREAD_CONTROL_ENV, thread_control_pid
 
 # What each course notebook needs to have run first (a notebook may also declare
 # ``metadata.medkit.depends`` itself; fixture notebooks in tests do).
@@ -206,7 +206,7 @@ def set_threads(control: Path, n: int) -> bool:
     tmp.write_text(f"{n}\n")
     tmp.replace(control)
     try:
-        proc = psutil.Process(int(control.with_name(control.name + ".pid").read_text()))
+        proc = psutil.Process(int(thread_control_pid(control).read_text()))
         if proc.environ().get(THREAD_CONTROL_ENV) != str(control):
             return False
         proc.send_signal(signal.SIGUSR1)
@@ -232,7 +232,8 @@ def execute(nb_path: Path, run_dir: Path, params: dict[str, Any], timeout: float
         cmd += ["-p", key, str(value)] if isinstance(value, str) else ["-y", f"{key}: {json.dumps(value)}"]
     env = dict(os.environ, MEDKIT_HEADLESS="1", PYTHONUNBUFFERED="1", MPLBACKEND="Agg")
     control = thread_control(run_dir, name)
-    for stale in (control, control.with_name(control.name + ".pid")):
+    control_files = (control, thread_control_pid(control))
+    for stale in control_files:  # an earlier attempt's
         stale.unlink(missing_ok=True)
     if threads:
         env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
@@ -254,7 +255,7 @@ def execute(nb_path: Path, run_dir: Path, params: dict[str, Any], timeout: float
                     os.killpg(proc.pid, signal.SIGKILL)
                     rc = proc.wait()
     seconds = time.perf_counter() - start
-    for used in (control, control.with_name(control.name + ".pid")):
+    for used in control_files:
         used.unlink(missing_ok=True)
     metrics_file = out_dir / "metrics.json"
     metrics = json.loads(metrics_file.read_text()) if metrics_file.exists() else {}

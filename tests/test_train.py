@@ -227,14 +227,12 @@ def test_preference_report_skips_the_reference_pass_only_when_it_may(base, monke
     A report given an earlier report's reference scores only the policy, and agrees with one that
     scores both. A non-zero adapter without a reference still gets its own reference pass."""
     import torch
-    from peft import get_peft_model
 
     rows = [{"prompt": q, "chosen": c, "rejected": r, "rejected_kind": k} for q, c, r, k in [
         ("What is asthma?", "A chronic airway disease.", "x" * 50, "verbose"),
         ("How is gout treated?", "With an NSAID or colchicine.", "Ask a doctor.", "generic")]]
     model, tok = common.load_causal_lm(str(base.path))
-    pm = get_peft_model(model, sft.lora_config({"r": 8, "alpha": 16, "dropout": 0.0,
-                                                "target_modules": config._LLAMA_ALL}))
+    pm = _lora(model, std=0.0)  # B = 0: the adapter as LoRA starts, before training
     passes = []
     real = dpo._pair_logps
     monkeypatch.setattr(dpo, "_pair_logps", lambda *a: passes.append(1) or real(*a))
