@@ -94,11 +94,15 @@ PROFILES: dict[str, dict[str, Any]] = {
                     "lso_reranker": {"method": "query-adapter"},
                     # no LLM on this profile: 06 answers extractively (medkit.rag.answer.load_generator)
                     "generator": None,
+                    # where the generator writes: "transformers", or "llama.cpp" on its GGUF export
+                    # (medkit.serve.runtime; one reply at a time, several times faster on a CPU)
+                    "generator_runtime": "transformers",
                     # held-out course questions 06 answers (with the citation check) after retrieval
                     "n_answer": 150},
             # 07_agent: rule- and KB-driven draft/audit/refine and extractive summary memory (the tiny
             # models cannot write usable answers); the token budget is in whitespace tokens
-            "agent": {"mode": "rules", "llm_model": None, "llm_max_new_tokens": 256, "max_rounds": 3, "top_k": 5,
+            "agent": {"mode": "rules", "llm_model": None, "llm_max_new_tokens": 256, "llm_runtime": "transformers",
+                      "max_rounds": 3, "top_k": 5,
                       "memory_token_budget": 160, "keep_recent_turns": 2,
                       # scenarios of each kind 07 runs from each suite (None: all of them)
                       "scenarios_per_kind": None},
@@ -325,12 +329,16 @@ def _smol_profile() -> dict[str, Any]:
     # target; runs smol-cot60 and smol-full), 05 in 619 s instead of 537 s
     st["cot"].update(base_model=smol, max_steps=60, batch_size=2, grad_accum=2, seq_len=448, lr=5e-4,
                      lora={"r": 16, "alpha": 16, "dropout": 0.0, "target_modules": _LLAMA_ALL})
-    # 06: the DPO model writes the cited answers (greedy, batch 1): 40 held-out questions, 96 tokens each
-    st["rag"].update(generator="artifact:dpo_model", generator_max_new_tokens=96, n_answer=40)
+    # 06 and 07 write with the DPO model through llama.cpp on its f16 GGUF export (medkit.serve.runtime):
+    # 5 agent drafts of 07's kind, one core, 18.3 s in transformers against 5.6 s, the same 5 texts
+    # (scratch probe on the 2-core EPYC, 2026-12-06). Generation is one reply at a time there.
+    # 06: the DPO model writes the cited answers (greedy): 40 held-out questions, 96 tokens each
+    st["rag"].update(generator="artifact:dpo_model", generator_max_new_tokens=96, n_answer=40,
+                     generator_runtime="llama.cpp")
     # 07: the DPO model drafts and refines, the rule auditor checks every draft; two scenarios of each
     # kind from each suite (every kind stays in; all of them would take ~15 min of generation here)
     st["agent"].update(mode="llm", llm_model="artifact:dpo_model", llm_max_new_tokens=80, max_rounds=2,
-                       scenarios_per_kind=2)
+                       scenarios_per_kind=2, llm_runtime="llama.cpp")
     st["eval"].update(n_qa=60, n_generate=20, n_mcq=60, n_mcq_generate=12, n_pubmedqa=60,
                       n_bench_generate=12, n_latency=10)
     # 09 serves the merged fine-tune itself: real weights, large enough to be worth batching

@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -228,6 +229,93 @@ def test_gguf_quantized_file_is_smaller_and_loads(model_dir, tmp_path):
 def test_gguf_export_refuses_what_it_cannot_write(model_dir, tmp_path):
     with pytest.raises(ValueError, match="quant must be one of"):
         gguf_export.export(model_dir, tmp_path / "x.gguf", "q4_k")
+
+
+CHAT_PROMPTS = [[{"role": "user", "content": q}] for q in PARITY_PROMPTS]
+
+
+def _sharp_model(path):
+    """The test model with every matrix scaled 10x: its greedy text is varied rather than one
+    repeated token, and its logits are far from ties. "/" is its end token, which it writes on
+    some prompts, so stopping is exercised too."""
+    import torch
+
+    from medkit import tiny
+
+    tok = tiny.family_tokenizer(tiny.train_tokenizer(TEXTS, vocab_size=400), "qwen2")
+    model = tiny.new_model("qwen2", tok, {"hidden_size": 64, "layers": 2, "heads": 4}, seed=0)
+    with torch.no_grad():
+        for w in model.parameters():
+            if w.dim() == 2:
+                w.mul_(10)
+    tok.eos_token = "/"
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def test_llamacpp_chat_writes_what_transformers_writes(tmp_path):
+    """06's and 07's writers on llama.cpp (medkit.serve.runtime): the same prompt ids (the
+    transformers chat template), greedy, the same result fields and end-token handling. In f32 the
+    replies must be identical; the export is cached by the weights' hash and reused."""
+    import torch
+
+    from medkit.serve import runtime
+    from medkit.train.common import load_causal_lm
+
+    model_dir = _sharp_model(tmp_path / "sharp")
+    hf = runtime.TransformersChat(*load_causal_lm(str(model_dir)))
+    cpp = runtime.LlamaCppChat(model_dir, tmp_path / "gguf", quant="f32")
+    want = [hf.generate([p], max_new_tokens=10, batch_size=1)[0] for p in CHAT_PROMPTS]  # no padding
+    got = cpp.generate(CHAT_PROMPTS, max_new_tokens=10)
+    assert got == want and any(g["text"] for g in got), (got, want)
+    assert cpp.path.name.endswith("-f32.gguf") and list(cpp.path.parent.glob("*.part")) == []
+    mtime = cpp.path.stat().st_mtime_ns
+    again = runtime.LlamaCppChat(model_dir, tmp_path / "gguf", quant="f32")
+    assert again.path == cpp.path and again.path.stat().st_mtime_ns == mtime  # reused, not exported again
+    # it follows torch's thread count at each call (the course runner widens a notebook)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1 if before > 1 else 2)
+        cpp.generate(CHAT_PROMPTS[:1], max_new_tokens=2)
+        assert cpp.threads == torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(ValueError, match="does not fit llama.cpp's context"):
+        cpp.generate(CHAT_PROMPTS[:1], max_new_tokens=cpp.n_ctx)
+    assert cpp.generate(CHAT_PROMPTS[:1], max_new_tokens=0) == [{"text": "", "stopped": False, "raw": ""}]
+
+
+def test_gguf_cache_is_keyed_by_the_weights_and_never_half_written(model_dir, tmp_path, monkeypatch):
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from medkit.serve import runtime
+
+    other = tmp_path / "other"
+    shutil.copytree(model_dir, other)
+    weights = next(other.glob("*.safetensors"))
+    state = load_file(weights)
+    name = next(k for k in state if k.endswith("q_proj.weight"))
+    state[name] = state[name] + 0.01
+    save_file({k: v.contiguous() for k, v in state.items()}, weights, metadata={"format": "pt"})
+    assert runtime.weights_digest(other) != runtime.weights_digest(model_dir)
+
+    def broken(src, out, quant):  # an export that dies half-way through writing
+        Path(out).write_bytes(b"GGUF" + bytes(100))
+        raise OSError("disk full")
+
+    monkeypatch.setattr(gguf_export, "export", broken)
+    with pytest.raises(OSError, match="disk full"):
+        runtime.cached_gguf(other, tmp_path / "cache", "f16")
+    assert list((tmp_path / "cache").iterdir()) == []
+    with pytest.raises(FileNotFoundError, match="not a saved transformers model"):
+        runtime.weights_digest(tmp_path)
+    with pytest.raises(ValueError, match="unknown chat runtime"):
+        runtime.open_chat(str(model_dir), runtime="onnx")
+    assert torch.get_num_threads() > 0
 
 
 def test_llamacpp_server_speaks_openai_with_the_chat_template(model_dir, tmp_path):

@@ -24,7 +24,7 @@ from .store import Store
 from .tools import ToolBox
 
 DEFAULTS = {"mode": "rules", "max_rounds": 3, "top_k": 5, "memory_token_budget": 160, "keep_recent_turns": 2,
-            "llm_model": None, "llm_max_new_tokens": 256}
+            "llm_model": None, "llm_max_new_tokens": 256, "llm_runtime": "transformers"}
 _WEIGHT = re.compile(r"(\d{2,3}(?:\.\d+)?)\s*(?:kg|kilos?|kilograms?)\b", re.I)
 _HEIGHT_M = re.compile(r"\b([12](?:\.\d{1,2}))\s*(?:m|metres?|meters?)\b", re.I)
 _HEIGHT_CM = re.compile(r"\b(\d{3})\s*(?:cm|centimetres?|centimeters?)\b", re.I)
@@ -114,7 +114,8 @@ class MedicalAgent:
         if cfg.get("mode") == "llm":
             from .llm import LLMWriter
             llm = LLMWriter(cfg["llm_model"], session, dtype=cfg["dtype"], device=session.cfg["device"],
-                            max_new_tokens=cfg.get("llm_max_new_tokens", DEFAULTS["llm_max_new_tokens"]))
+                            max_new_tokens=cfg.get("llm_max_new_tokens", DEFAULTS["llm_max_new_tokens"]),
+                            runtime=cfg.get("llm_runtime", DEFAULTS["llm_runtime"]))
         return cls(kb, retriever, store_path or session.dir / "agent.sqlite", cfg,
                    {c["id"]: c["text"] for c in chunks} | {p["id"]: p["text"] for p in passages},
                    analyzer, llm, session.seed)

@@ -1,4 +1,4 @@
-"""LLM-assisted drafting, refining and summarising for the GPU profiles (``agent.mode: llm``).
+"""LLM-assisted drafting, refining and summarising (``agent.mode: llm``: the GPU profiles and ``smol``).
 
 The LLM writes; the rule-based Medical Auditor (``medkit.agent.auditor``) still checks every
 draft, and the refine prompt hands the model the auditor's structured critique. The tiny
@@ -14,17 +14,18 @@ SYSTEM = ("You are a careful medical assistant. Answer only from the numbered ev
 
 
 class LLMWriter:
-    def __init__(self, model_ref: str, session=None, dtype: str = "bfloat16", device: str = "cuda",
-                 max_new_tokens: int = 256):
-        from ..train import common
+    """The agent's writer: ``model_ref`` on ``runtime`` (``transformers`` or ``llama.cpp``, see
+    :mod:`medkit.serve.runtime`), one greedy reply at a time."""
 
-        self._common = common
-        path = common.resolve_model_ref(model_ref, session)
-        self.model, self.tok = common.load_causal_lm(path, dtype=dtype, device=device)
+    def __init__(self, model_ref: str, session=None, dtype: str = "bfloat16", device: str = "cuda",
+                 max_new_tokens: int = 256, runtime: str = "transformers"):
+        from ..serve.runtime import open_chat
+
+        self.chat = open_chat(model_ref, session, runtime, dtype, device)
         self.max_new_tokens = max_new_tokens
 
     def _generate(self, msgs: list[dict[str, str]]) -> str:
-        return self._common.generate(self.model, self.tok, [msgs], max_new_tokens=self.max_new_tokens)[0]["text"].strip()
+        return self.chat.generate([msgs], max_new_tokens=self.max_new_tokens)[0]["text"].strip()
 
     def _ask(self, user: str) -> str:
         return self._generate([{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}])

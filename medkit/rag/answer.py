@@ -210,23 +210,21 @@ def _finish(question: str, text: str | None, evidence: list[Evidence]) -> Answer
 
 
 class LLMAnswerer:
-    """``messages -> text`` with a chat model (greedy); ``many`` writes a list of prompts in
-    batches (06 answers its held-out questions so: on SmolLM2 on a 2-core CPU one reply at a time
-    is bound by per-token overhead). A reasoning model's ``<think>`` block is cut off: only the
-    text after it is the answer the citation check reads."""
+    """``messages -> text`` with a chat model (greedy); ``many`` writes a list of prompts (06
+    answers its held-out questions so). ``chat`` is a :mod:`medkit.serve.runtime` chat model:
+    transformers writes in batches of ``batch_size`` (on a 2-core CPU one reply at a time is bound
+    by per-token overhead), llama.cpp one at a time. A reasoning model's ``<think>`` block is cut
+    off: only the text after it is the answer the citation check reads."""
 
-    def __init__(self, model, tok, max_new_tokens: int = 256, batch_size: int = 8):
-        self.model, self.tok, self.max_new_tokens, self.batch_size = model, tok, max_new_tokens, batch_size
-        self.reasoning = "<think>" in (tok.chat_template or "")
+    def __init__(self, chat, max_new_tokens: int = 256, batch_size: int = 8):
+        self.chat, self.max_new_tokens, self.batch_size = chat, max_new_tokens, batch_size
+        self.reasoning = "<think>" in (chat.tok.chat_template or "")
 
     def __call__(self, msgs: list[dict[str, str]]) -> str:
         return self.many([msgs], batch_size=1)[0]
 
     def many(self, prompts: list[list[dict[str, str]]], batch_size: int | None = None) -> list[str]:
-        from ..train.common import generate
-
-        out = generate(self.model, self.tok, prompts, max_new_tokens=self.max_new_tokens,
-                       batch_size=batch_size or self.batch_size)
+        out = self.chat.generate(prompts, max_new_tokens=self.max_new_tokens, batch_size=batch_size or self.batch_size)
         return [self._answer_part(g["text"]) for g in out]
 
     def _answer_part(self, text: str) -> str:
@@ -240,15 +238,16 @@ class LLMAnswerer:
 def load_generator(cfg: dict[str, Any], session=None, max_new_tokens: int | None = None):
     """The profile's LLM answerer for 06, or ``None`` (the extractive answerer). The rag stage's
     ``generator`` names the model: ``artifact:<name>`` (a model an earlier notebook trained), a
-    hub id or a folder; ``generator_max_new_tokens`` caps each answer. Loaded on the profile's
-    device and dtype. Any profile with an LLM sets it; the tiny profile has none."""
+    hub id or a folder; ``generator_max_new_tokens`` caps each answer; ``generator_runtime`` is
+    ``transformers`` (on the profile's device and dtype) or ``llama.cpp`` (its GGUF export, under
+    the session folder). Any profile with an LLM sets it; the tiny profile has none."""
     ref = cfg.get("generator")
     if not ref:
         return None
     from .. import config
-    from ..train.common import load_causal_lm, resolve_model_ref
+    from ..serve.runtime import open_chat
 
     device = cfg.get("device") or config.detect_device("auto")
     dtype = cfg.get("dtype") or config.pick_dtype(device)
-    model, tok = load_causal_lm(resolve_model_ref(ref, session), dtype, device)
-    return LLMAnswerer(model, tok, max_new_tokens or cfg.get("generator_max_new_tokens", 256))
+    chat = open_chat(ref, session, cfg.get("generator_runtime", "transformers"), dtype, device)
+    return LLMAnswerer(chat, max_new_tokens or cfg.get("generator_max_new_tokens", 256))

@@ -176,8 +176,9 @@ def load_llama(gguf_path: str | Path, n_ctx: int = 512, threads: int | None = No
     except ImportError as e:
         raise ImportError("llama-cpp-python is not installed: run `make setup` (it builds the wheel once "
                           "into ~/.cache/medkit-wheels) or `pip install llama-cpp-python==0.3.36`.") from e
-    return Llama(model_path=str(gguf_path), n_ctx=n_ctx, n_threads=threads, verbose=False, seed=0,
-                 logits_all=logits_all)
+    # n_threads_batch too: llama.cpp's default reads the prompt on every core, beside a thread cap
+    return Llama(model_path=str(gguf_path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, verbose=False,
+                 seed=0, logits_all=logits_all)
 
 
 # Tolerances are in units of the step's logit spread (the standard deviation of transformers'
