@@ -356,6 +356,14 @@ def test_the_generator_hook_loads_the_named_model_and_answers(tmp_path, kbase):
     ev_texts = {"cond.asthma.treatment": "Asthma is treated with inhaled corticosteroids."}
     ans = answer.answer("How is asthma treated?", [("cond.asthma.treatment", 1.0)], ev_texts, 0.0, generate=write)
     assert isinstance(ans.text, str) and "valid" in ans.check  # whatever the random model wrote is checked
+    assert write.chat.runtime == "transformers"
+    # the same hook on llama.cpp (smol's `generator_runtime`): the model is exported to GGUF under the
+    # session folder once, and its answers go through the same check
+    session.dir = tmp_path / "06_rag"
+    cpp = answer.load_generator(dict(cfg, generator_runtime="llama.cpp"), session, max_new_tokens=4)
+    ans = answer.answer("How is asthma treated?", [("cond.asthma.treatment", 1.0)], ev_texts, 0.0, generate=cpp)
+    assert cpp.chat.runtime == "llama.cpp" and isinstance(ans.text, str) and "valid" in ans.check
+    assert [p.suffix for p in (session.dir / "gguf").iterdir()] == [".gguf"]
 
 
 # ---------------------------------------------------------------- defect 5: Colab set-up
