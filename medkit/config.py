@@ -333,9 +333,11 @@ def _smol_profile() -> dict[str, Any]:
     # target; runs smol-cot60 and smol-full), 05 in 619 s instead of 537 s
     st["cot"].update(base_model=smol, max_steps=60, batch_size=2, grad_accum=2, seq_len=448, lr=5e-4,
                      lora={"r": 16, "alpha": 16, "dropout": 0.0, "target_modules": _LLAMA_ALL})
-    # 06 and 07 write with the DPO model through llama.cpp on its f16 GGUF export (medkit.serve.runtime):
-    # 5 agent drafts of 07's kind, one core, 18.3 s in transformers against 5.6 s, the same 5 texts
-    # (scratch probe on the 2-core EPYC, 2026-12-06). Generation is one reply at a time there.
+    # 06 and 07 write with the DPO model through llama.cpp on its f16 GGUF export (medkit.serve.runtime),
+    # one reply at a time: 8 agent drafts of 07's kind on one core took 30.8 s in transformers against
+    # 13.5 s, the same 8 texts (scratch probe, 2-core EPYC, 2026-12-06). Run smol-r14 (06 and 07 again
+    # on smol-r13's models, one core each): 06's 40 answers 126 -> 49 s (transformers in batches of 8),
+    # 07's 18 scenarios 335 -> 140 s, every 06 and 07 figure the same
     # 06: the DPO model writes the cited answers (greedy): 40 held-out questions, 96 tokens each
     st["rag"].update(generator="artifact:dpo_model", generator_max_new_tokens=96, n_answer=40,
                      generator_runtime="llama.cpp")

@@ -343,7 +343,7 @@ def test_interactive_widget_sends_on_submit(make_agent):
 
 
 class ScriptedWriter:
-    """Stands in for the GPU profile's LLM (medkit.agent.llm.LLMWriter) with fixed text, so the
+    """Stands in for the profile's LLM (medkit.agent.llm.LLMWriter) with fixed text, so the
     test checks what the rule auditor does to an LLM's draft; it is not a model."""
 
     def __init__(self):

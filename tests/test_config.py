@@ -146,3 +146,15 @@ def test_01_builds_the_tiny_bases_and_converts_the_models_each_profile_names():
     odd["stages"]["sft"]["base_model"] = "tiny:gpt2"
     with pytest.raises(ValueError, match="gpt2"):
         tiny.families_in(odd)
+
+
+def test_the_chat_runtime_is_a_profile_setting():
+    """06's answerer and 07's agent write through llama.cpp on `smol` (a CPU, one reply at a time)
+    and through transformers elsewhere; no profile names a runtime that does not exist."""
+    from medkit.serve.runtime import RUNTIMES
+
+    got = {name: (config.resolve(name, "rag").get("generator_runtime", "transformers"),
+                  config.resolve(name, "agent").get("llm_runtime", "transformers")) for name in config.PROFILES}
+    assert got["smol"] == ("llama.cpp", "llama.cpp")
+    assert all(got[name] == ("transformers", "transformers") for name in ("tiny", "colab-t4", "gpu-24gb"))
+    assert all(r in RUNTIMES for pair in got.values() for r in pair)

@@ -361,9 +361,11 @@ def test_the_generator_hook_loads_the_named_model_and_answers(tmp_path, kbase):
     # session folder once, and its answers go through the same check
     session.dir = tmp_path / "06_rag"
     cpp = answer.load_generator(dict(cfg, generator_runtime="llama.cpp"), session, max_new_tokens=4)
+    assert cpp.chat.runtime == "llama.cpp" and [p.suffix for p in (session.dir / "gguf").iterdir()] == [".gguf"]
+    written = cpp.chat.generate([[{"role": "user", "content": "How is asthma treated?"}]], max_new_tokens=4)
+    assert len(written) == 1 and set(written[0]) == {"text", "stopped", "raw"}
     ans = answer.answer("How is asthma treated?", [("cond.asthma.treatment", 1.0)], ev_texts, 0.0, generate=cpp)
-    assert cpp.chat.runtime == "llama.cpp" and isinstance(ans.text, str) and "valid" in ans.check
-    assert [p.suffix for p in (session.dir / "gguf").iterdir()] == [".gguf"]
+    assert not ans.abstained  # min_score 0: the model wrote this answer, and the check read it
 
 
 # ---------------------------------------------------------------- defect 5: Colab set-up

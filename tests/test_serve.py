@@ -269,6 +269,7 @@ def test_llamacpp_chat_writes_what_transformers_writes(tmp_path):
     want = [hf.generate([p], max_new_tokens=10, batch_size=1)[0] for p in CHAT_PROMPTS]  # no padding
     got = cpp.generate(CHAT_PROMPTS, max_new_tokens=10)
     assert got == want and any(g["text"] for g in got), (got, want)
+    assert any(w["stopped"] for w in want)  # the end token was met, so stopping is compared too
     assert cpp.path.name.endswith("-f32.gguf") and list(cpp.path.parent.glob("*.part")) == []
     mtime = cpp.path.stat().st_mtime_ns
     again = runtime.LlamaCppChat(model_dir, tmp_path / "gguf", quant="f32")
@@ -278,18 +279,22 @@ def test_llamacpp_chat_writes_what_transformers_writes(tmp_path):
     try:
         torch.set_num_threads(1 if before > 1 else 2)
         cpp.generate(CHAT_PROMPTS[:1], max_new_tokens=2)
-        assert cpp.threads == torch.get_num_threads()
+        import llama_cpp
+
+        assert llama_cpp.llama_n_threads(cpp.llm._ctx.ctx) == torch.get_num_threads()
     finally:
         torch.set_num_threads(before)
     with pytest.raises(ValueError, match="does not fit llama.cpp's context"):
         cpp.generate(CHAT_PROMPTS[:1], max_new_tokens=cpp.n_ctx)
-    assert cpp.generate(CHAT_PROMPTS[:1], max_new_tokens=0) == [{"text": "", "stopped": False, "raw": ""}]
+    with pytest.raises(ValueError, match="max_new_tokens"):  # as transformers refuses it
+        cpp.generate(CHAT_PROMPTS[:1], max_new_tokens=0)
+    # a reply does not depend on the prompt before it (no prefix reused from the last call)
+    assert cpp.generate(CHAT_PROMPTS[1:], max_new_tokens=10) == got[1:]
 
 
 def test_gguf_cache_is_keyed_by_the_weights_and_never_half_written(model_dir, tmp_path, monkeypatch):
     import shutil
 
-    import torch
     from safetensors.torch import load_file, save_file
 
     from medkit.serve import runtime
@@ -315,7 +320,6 @@ def test_gguf_cache_is_keyed_by_the_weights_and_never_half_written(model_dir, tm
         runtime.weights_digest(tmp_path)
     with pytest.raises(ValueError, match="unknown chat runtime"):
         runtime.open_chat(str(model_dir), runtime="onnx")
-    assert torch.get_num_threads() > 0
 
 
 def test_llamacpp_server_speaks_openai_with_the_chat_template(model_dir, tmp_path):

@@ -4,7 +4,7 @@ The evidence reaches the model as *data*: each passage is wrapped in an ``<evide
 block inside the user turn, never in the system prompt, and any text in a passage that looks like
 a block delimiter is neutralised. Sentences of a passage that read like instructions to the model
 ("ignore previous instructions…") are flagged and never quoted. Whatever wrote the answer (the
-extractive answerer here on the ``tiny`` profile, an LLM on GPU profiles), :func:`check_citations`
+extractive answerer on the ``tiny`` profile, an LLM on ``smol`` and the GPU profiles), :func:`check_citations`
 then verifies it: every cited ``[E#]`` must be one of the retrieved passages, and a sentence that
 makes a claim without a citation is flagged.
 """
@@ -179,7 +179,7 @@ def answer(question: str, hits: list[tuple[str, float]], texts: dict[str, str], 
            generate: Callable[[list[dict[str, str]]], str] | None = None, top: int = 3) -> Answer:
     """Answer ``question`` from ``hits`` (best first, e.g. the reranker's top 3). Abstains when
     there is no hit or the best score is below ``min_score``. ``generate`` (messages -> text) is an
-    LLM on GPU profiles; without it the extractive answerer is used."""
+    LLM on ``smol`` and the GPU profiles; without it the extractive answerer is used."""
     evidence = make_evidence(hits[:top], texts)
     if not evidence or evidence[0].score < min_score:
         return _finish(question, None, evidence)
@@ -191,7 +191,8 @@ def answer_all(questions: list[str], search: Callable[[str], list[tuple[str, flo
                min_score: float, generate: Callable[[list[dict[str, str]]], str] | None = None,
                top: int = 3) -> list[Answer]:
     """``answer`` for many questions, the same answers; an LLM writer with a ``many`` method
-    (``LLMAnswerer``) writes them in batches instead of one at a time."""
+    (``LLMAnswerer``) gets them in one call (transformers writes them in batches, llama.cpp one
+    after another)."""
     if generate is None or not hasattr(generate, "many"):
         return [answer(q, search(q), texts, min_score, generate, top) for q in questions]
     evidence = [make_evidence(search(q)[:top], texts) for q in questions]

@@ -13,6 +13,9 @@ from __future__ import annotations
 import atexit
 import hashlib
 import os
+import tempfile
+import threading
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -47,14 +50,16 @@ def weights_digest(model_dir: str | Path) -> str:
     for f in files:
         h.update(f.name.encode())
         with open(f, "rb") as fh:
-            h.update(hashlib.file_digest(fh, "sha256").digest())
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
     return h.hexdigest()[:16]
 
 
 def cached_gguf(model_dir: str | Path, cache_dir: str | Path, quant: str = "f16") -> Path:
     """The model's GGUF export in ``cache_dir``, written once per weights (``weights_digest``).
-    It is written to a ``.part`` file and renamed when complete: an export that fails or is
-    stopped leaves no file that a later call would take for a finished one."""
+    It is written to a ``.part`` file of its own and renamed when complete: an export that fails or
+    is stopped leaves no file that a later call would take for a finished one, and two processes
+    exporting at once each write their own."""
     from . import gguf_export
 
     model_dir, cache_dir = Path(model_dir), Path(cache_dir)
@@ -62,13 +67,21 @@ def cached_gguf(model_dir: str | Path, cache_dir: str | Path, quant: str = "f16"
     if out.is_file():
         return out
     cache_dir.mkdir(parents=True, exist_ok=True)
-    part = out.with_name(out.name + ".part")
+    fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=out.name + ".", suffix=".part")
+    os.close(fd)
+    part = Path(tmp)
     try:
         gguf_export.export(model_dir, part, quant)
         os.replace(part, out)
     finally:
         part.unlink(missing_ok=True)
     return out
+
+
+def _close_at_exit(ref: "weakref.ref") -> None:
+    llm = ref()
+    if llm is not None:
+        llm.close()
 
 
 class LlamaCppChat:
@@ -84,14 +97,25 @@ class LlamaCppChat:
 
         from .gguf_export import load_llama
 
+        try:  # before the export: a missing wheel is reported first
+            import llama_cpp  # noqa: F401
+        except ImportError as e:
+            raise ImportError("the llama.cpp runtime needs llama-cpp-python: run `make setup` (it builds the wheel "
+                              "once) or set the profile's runtime to transformers") from e
         self.tok = AutoTokenizer.from_pretrained(model_dir)
+        if not self.tok.chat_template:
+            raise ValueError(f"{model_dir}: the tokenizer has no chat template; the llama.cpp runtime renders "
+                             "prompts with it")
         self.path = cached_gguf(model_dir, cache_dir, quant)
         limit = getattr(AutoConfig.from_pretrained(model_dir), "max_position_embeddings", 4096)
         self.n_ctx = n_ctx or min(int(limit), 4096)
         self.threads = torch.get_num_threads()
         self.llm = load_llama(self.path, n_ctx=self.n_ctx, threads=self.threads)
-        atexit.register(self.llm.close)  # before the interpreter tears down what its destructor needs
+        # closed before the interpreter tears down what its destructor needs; a weak reference, so
+        # that dropping this object (09 drops 07's agent before its servers start) frees the model
+        atexit.register(_close_at_exit, weakref.ref(self.llm))
         self.end_ids = {self.tok.eos_token_id}
+        self._lock = threading.Lock()  # one llama.cpp context: one generation at a time
 
     def _follow_torch_threads(self) -> None:
         import torch
@@ -104,18 +128,22 @@ class LlamaCppChat:
     def generate(self, prompts: list[list[dict[str, str]]], max_new_tokens: int = 64,
                  batch_size: int = 1) -> list[dict[str, Any]]:
         """``batch_size`` is accepted for the same call as transformers and ignored: llama.cpp
-        writes one reply at a time."""
-        self._follow_torch_threads()
+        writes one reply at a time, each from an empty cache (a reply does not depend on the
+        prompt before it)."""
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
         out = []
-        for p in prompts:
-            text = self.tok.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
-            ids = self.tok(text, add_special_tokens=False)["input_ids"]
-            if len(ids) + max_new_tokens > self.n_ctx:
-                raise ValueError(f"{self.path.name}: a prompt of {len(ids)} tokens plus {max_new_tokens} new ones "
-                                 f"does not fit llama.cpp's context of {self.n_ctx} tokens")
-            row: list[int] = []
-            stopped = False
-            if max_new_tokens > 0:
+        with self._lock:
+            for p in prompts:
+                self._follow_torch_threads()  # per prompt: the runner may widen the notebook mid-call
+                text = self.tok.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
+                ids = self.tok(text, add_special_tokens=False)["input_ids"]
+                if len(ids) + max_new_tokens > self.n_ctx:
+                    raise ValueError(f"{self.path.name}: a prompt of {len(ids)} tokens plus {max_new_tokens} new "
+                                     f"ones does not fit llama.cpp's context of {self.n_ctx} tokens")
+                row: list[int] = []
+                stopped = False
+                self.llm.reset()  # no prefix reuse from the previous prompt
                 for t in self.llm.generate(ids, top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0, reset=True):
                     if int(t) in self.end_ids:
                         stopped = True
@@ -123,8 +151,8 @@ class LlamaCppChat:
                     row.append(int(t))
                     if len(row) >= max_new_tokens:
                         break
-            out.append({"text": self.tok.decode(row, skip_special_tokens=True).strip(), "stopped": stopped,
-                        "raw": self.tok.decode(row, skip_special_tokens=False)})
+                out.append({"text": self.tok.decode(row, skip_special_tokens=True).strip(), "stopped": stopped,
+                            "raw": self.tok.decode(row, skip_special_tokens=False)})
         return out
 
 
