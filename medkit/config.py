@@ -95,7 +95,7 @@ PROFILES: dict[str, dict[str, Any]] = {
                     # no LLM on this profile: 06 answers extractively (medkit.rag.answer.load_generator)
                     "generator": None,
                     # where the generator writes: "transformers", or "llama.cpp" on its GGUF export
-                    # (medkit.serve.runtime; one reply at a time, several times faster on a CPU)
+                    # (medkit.serve.runtime; one reply at a time, about twice as fast on a 2-core CPU)
                     "generator_runtime": "transformers",
                     # held-out course questions 06 answers (with the citation check) after retrieval
                     "n_answer": 150},
@@ -337,7 +337,8 @@ def _smol_profile() -> dict[str, Any]:
     # one reply at a time: 8 agent drafts of 07's kind on one core took 30.8 s in transformers against
     # 13.5 s, the same 8 texts (scratch probe, 2-core EPYC, 2026-12-06). Run smol-r14 (06 and 07 again
     # on smol-r13's models, one core each): 06's 40 answers 126 -> 49 s (transformers in batches of 8),
-    # 07's 18 scenarios 335 -> 140 s, every 06 and 07 figure the same
+    # 07's 18 scenarios 335 -> 140 s, every 06 and 07 figure the same (run smol-r15, beside another
+    # notebook: 69 s and 145 s)
     # 06: the DPO model writes the cited answers (greedy): 40 held-out questions, 96 tokens each
     st["rag"].update(generator="artifact:dpo_model", generator_max_new_tokens=96, n_answer=40,
                      generator_runtime="llama.cpp")
