@@ -168,14 +168,21 @@ def export(model_dir: str | Path, out_path: str | Path, quant: str = "f16") -> P
     return out_path
 
 
-def load_llama(gguf_path: str | Path, n_ctx: int = 512, threads: int | None = None, logits_all: bool = False):
-    """A ``llama_cpp.Llama`` on the file (quiet), or a clear error when llama-cpp-python is missing.
-    ``logits_all`` keeps every position's logits (``parity`` compares them step by step)."""
+def llama_class():
+    """``llama_cpp.Llama``, or a clear error when llama-cpp-python is missing (callers that export
+    first ask before the export)."""
     try:
         from llama_cpp import Llama
     except ImportError as e:
         raise ImportError("llama-cpp-python is not installed: run `make setup` (it builds the wheel once "
                           "into ~/.cache/medkit-wheels) or `pip install llama-cpp-python==0.3.36`.") from e
+    return Llama
+
+
+def load_llama(gguf_path: str | Path, n_ctx: int = 512, threads: int | None = None, logits_all: bool = False):
+    """A ``llama_cpp.Llama`` on the file (quiet), or a clear error when llama-cpp-python is missing.
+    ``logits_all`` keeps every position's logits (``parity`` compares them step by step)."""
+    Llama = llama_class()
     # n_threads_batch too: llama.cpp's default reads the prompt on every core, beside a thread cap
     return Llama(model_path=str(gguf_path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, verbose=False,
                  seed=0, logits_all=logits_all)

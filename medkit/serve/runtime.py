@@ -96,13 +96,9 @@ class LlamaCppChat:
         import torch
         from transformers import AutoConfig, AutoTokenizer
 
-        from .gguf_export import load_llama
+        from .gguf_export import llama_class, load_llama
 
-        try:  # before the export: a missing wheel is reported first
-            import llama_cpp  # noqa: F401
-        except ImportError as e:
-            raise ImportError("the llama.cpp runtime needs llama-cpp-python: run `make setup` (it builds the wheel "
-                              "once) or set the profile's runtime to transformers") from e
+        llama_class()  # before the export: a missing wheel is reported first
         self.tok = AutoTokenizer.from_pretrained(model_dir)
         if not self.tok.chat_template:
             raise ValueError(f"{model_dir}: the tokenizer has no chat template; the llama.cpp runtime renders "
@@ -131,6 +127,8 @@ class LlamaCppChat:
         """``batch_size`` is accepted for the same call as transformers and ignored: llama.cpp
         writes one reply at a time, each from an empty cache (a reply does not depend on the
         prompt before it)."""
+        from ..train.common import reply_fields
+
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
         out = []
@@ -143,17 +141,12 @@ class LlamaCppChat:
                     raise ValueError(f"{self.path.name}: a prompt of {len(ids)} tokens plus {max_new_tokens} new "
                                      f"ones does not fit llama.cpp's context of {self.n_ctx} tokens")
                 row: list[int] = []
-                stopped = False
                 self.llm.reset()  # no prefix reuse from the previous prompt
                 for t in self.llm.generate(ids, top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0, reset=True):
-                    if int(t) in self.end_ids:
-                        stopped = True
+                    row.append(int(t))  # as transformers: at most max_new_tokens, the end token counted
+                    if row[-1] in self.end_ids or len(row) >= max_new_tokens:
                         break
-                    row.append(int(t))
-                    if len(row) >= max_new_tokens:
-                        break
-                out.append({"text": self.tok.decode(row, skip_special_tokens=True).strip(), "stopped": stopped,
-                            "raw": self.tok.decode(row, skip_special_tokens=False)})
+                out.append(reply_fields(self.tok, row, self.end_ids))
         return out
 
 

@@ -214,14 +214,21 @@ def generate(model, tok, prompts: list[list[dict[str, str]]], max_new_tokens: in
                                          pad_token_id=tok.pad_token_id, eos_token_id=list(end_ids),
                                          **generate_kwargs)
                 for k, row in zip(idx, gen[:, enc["input_ids"].shape[1]:].tolist()):
-                    stopped = any(t in end_ids for t in row)
-                    if stopped:
-                        row = row[: next(j for j, t in enumerate(row) if t in end_ids)]
-                    out[k] = {"text": tok.decode(row, skip_special_tokens=True).strip(), "stopped": stopped,
-                              "raw": tok.decode(row, skip_special_tokens=False)}
+                    out[k] = reply_fields(tok, row, end_ids)
     finally:
         tok.padding_side = old_side
     return out  # type: ignore[return-value]
+
+
+def reply_fields(tok, row: list[int], end_ids: set[int]) -> dict[str, Any]:
+    """One generated row of token ids as :func:`generate` returns it (and the llama.cpp runtime,
+    ``medkit.serve.runtime``): cut at the first end token, ``stopped`` when there was one, ``text``
+    without special tokens and ``raw`` with them."""
+    stopped = any(t in end_ids for t in row)
+    if stopped:
+        row = row[: next(j for j, t in enumerate(row) if t in end_ids)]
+    return {"text": tok.decode(row, skip_special_tokens=True).strip(), "stopped": stopped,
+            "raw": tok.decode(row, skip_special_tokens=False)}
 
 
 def template_ok(result: dict[str, Any]) -> bool:
