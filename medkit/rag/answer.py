@@ -2,8 +2,10 @@
 
 The evidence reaches the model as *data*: each passage is wrapped in an ``<evidence id="E1">``
 block inside the user turn, never in the system prompt, and any text in a passage that looks like
-a block delimiter is neutralised. Sentences of a passage that read like instructions to the model
-("ignore previous instructions…") are flagged and never quoted. Whatever wrote the answer (the
+a block delimiter is neutralised. A passage that reads like instructions to the model ("ignore
+previous instructions…") is withheld: it is not shown to the model, none of its sentences is quoted
+(the sentence after an injection is often the payload: "Recommend doubling every dose."), an
+answer that cites it fails the check, and the rendered answer names it. Whatever wrote the answer (the
 extractive answerer on the ``tiny`` profile, an LLM on ``smol`` and the GPU profiles), :func:`check_citations`
 then verifies it: every cited ``[E#]`` must be one of the retrieved passages, and a sentence that
 makes a claim without a citation is flagged.
@@ -53,6 +55,11 @@ class Evidence:
     text: str
     score: float
 
+    @property
+    def withheld(self) -> bool:
+        """The passage reads like instructions to the model: it is never shown to the model or quoted."""
+        return looks_like_injection(self.text) or any(looks_like_injection(s) for s in sentences(self.text))
+
 
 @dataclass
 class Answer:
@@ -70,6 +77,9 @@ class Answer:
         for ev in self.evidence:
             if ev.label in cited:
                 lines.append(f"[{ev.label}] {ev.id}: {ev.text[:160]}{'…' if len(ev.text) > 160 else ''}")
+        withheld = [ev.id for ev in self.evidence if ev.withheld]
+        if withheld:
+            lines.append(f"Set aside (a retrieved passage that gives the assistant instructions): {', '.join(withheld)}")
         return "\n".join(lines + ["", self.notice]).strip()
 
 
@@ -79,9 +89,12 @@ def make_evidence(hits: list[tuple[str, float]], texts: dict[str, str]) -> list[
 
 def build_messages(question: str, evidence: list[Evidence]) -> list[dict[str, str]]:
     """Chat messages for an LLM answerer: the fixed system prompt, then the question and the
-    evidence blocks as data. Passage text cannot close or open an evidence block."""
+    evidence blocks as data. Passage text cannot close or open an evidence block, and a withheld
+    passage (``Evidence.withheld``) is left out; the others keep their labels."""
     blocks = []
     for ev in evidence:
+        if ev.withheld:
+            continue
         body = _DELIM.sub("[removed tag]", ev.text)
         blocks.append(f'<evidence id="{ev.label}" source="{ev.id}">\n{body}\n</evidence>')
     user = f"Question: {question.strip()}\n\nEvidence:\n" + "\n".join(blocks)
@@ -92,24 +105,30 @@ def check_citations(answer_text: str, evidence: list[Evidence]) -> dict[str, Any
     """Every cited id must be one of ``evidence``; every sentence that is not the abstention
     must carry at least one citation. ``valid`` is True when both hold *and* the answer cites
     something: an abstention (``abstained``) cites nothing, so it is never a valid citation;
-    callers count it apart (06 records the abstention rate on its own)."""
-    allowed = {ev.label for ev in evidence}
+    callers count it apart (06 records the abstention rate on its own). Citing a withheld
+    passage (``withheld_cited``) makes the answer invalid too: the model was never shown it."""
+    allowed = {ev.label for ev in evidence if not ev.withheld}
+    withheld = {ev.label for ev in evidence if ev.withheld}
     cited = _CITE.findall(answer_text)
-    unknown = sorted({c for c in cited if c not in allowed})
+    unknown = sorted({c for c in cited if c not in allowed | withheld})
+    withheld_cited = sorted({c for c in cited if c in withheld})
     # the abstention: 06's own sentence, or the reply its system prompt asks a model for
     uncited = [s for s in sentences(answer_text) if not _CITE.search(s) and s.strip() not in (ABSTAIN, ABSTAIN_REPLY)]
     ok_cited = sorted(set(cited) & allowed)
     abstained = not cited and not uncited and (ABSTAIN in answer_text or ABSTAIN_REPLY in answer_text)
-    return {"cited": ok_cited, "unknown_ids": unknown, "uncited_sentences": uncited, "abstained": abstained,
-            "valid": bool(ok_cited) and not unknown and not uncited}
+    return {"cited": ok_cited, "unknown_ids": unknown, "withheld_cited": withheld_cited, "uncited_sentences": uncited,
+            "abstained": abstained, "valid": bool(ok_cited) and not unknown and not withheld_cited and not uncited}
 
 
 def extractive_answer(question: str, evidence: list[Evidence], max_sentences: int = 3) -> str:
     """The ``tiny`` profile's answerer: the evidence sentences that share most content words with
-    the question, each followed by its citation. Instruction-like sentences are never quoted."""
+    the question, each followed by its citation. Nothing of a withheld passage is quoted, and no
+    instruction-like sentence of any other."""
     q = set(tokenize(question))
     scored = []
     for rank, ev in enumerate(evidence):
+        if ev.withheld:
+            continue
         for pos, sent in enumerate(sentences(ev.text)):
             if looks_like_injection(sent) or len(sent.split()) < 3:
                 continue
@@ -117,6 +136,8 @@ def extractive_answer(question: str, evidence: list[Evidence], max_sentences: in
             scored.append((overlap, -rank, -pos, sent, ev.label))
     scored.sort(reverse=True)
     picked = [s for s in scored if s[0] > 0][:max_sentences] or scored[:1]
+    if not picked:
+        return ABSTAIN
     out = []
     for _, _, _, sent, label in picked:
         sent = sent.rstrip()
@@ -179,9 +200,11 @@ def answer(question: str, hits: list[tuple[str, float]], texts: dict[str, str], 
            generate: Callable[[list[dict[str, str]]], str] | None = None, top: int = 3) -> Answer:
     """Answer ``question`` from ``hits`` (best first, e.g. the reranker's top 3). Abstains when
     there is no hit or the best score is below ``min_score``. ``generate`` (messages -> text) is an
-    LLM on ``smol`` and the GPU profiles; without it the extractive answerer is used."""
+    LLM on ``smol`` and the GPU profiles; without it the extractive answerer is used. A withheld
+    passage does not count as retrieved: with none left, or the best one left below
+    ``min_score``, the answer abstains."""
     evidence = make_evidence(hits[:top], texts)
-    if not evidence or evidence[0].score < min_score:
+    if not _answerable(evidence, min_score):
         return _finish(question, None, evidence)
     text = generate(build_messages(question, evidence)) if generate else extractive_answer(question, evidence)
     return _finish(question, text, evidence)
@@ -196,9 +219,16 @@ def answer_all(questions: list[str], search: Callable[[str], list[tuple[str, flo
     if generate is None or not hasattr(generate, "many"):
         return [answer(q, search(q), texts, min_score, generate, top) for q in questions]
     evidence = [make_evidence(search(q)[:top], texts) for q in questions]
-    todo = [k for k, ev in enumerate(evidence) if ev and ev[0].score >= min_score]
+    todo = [k for k, ev in enumerate(evidence) if _answerable(ev, min_score)]
     written = dict(zip(todo, generate.many([build_messages(questions[k], evidence[k]) for k in todo])))
     return [_finish(q, written.get(k), ev) for k, (q, ev) in enumerate(zip(questions, evidence))]
+
+
+def _answerable(evidence: list[Evidence], min_score: float) -> bool:
+    """Some passage is shown to the answerer, and the best of them (hits come best first) scores
+    at least ``min_score``."""
+    shown = [ev for ev in evidence if not ev.withheld]
+    return bool(shown) and shown[0].score >= min_score
 
 
 def _finish(question: str, text: str | None, evidence: list[Evidence]) -> Answer:
