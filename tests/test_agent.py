@@ -296,6 +296,27 @@ def test_emergency_answer_starts_with_the_instruction(make_agent):
     assert r.triage["level"] == "HIGH" and r.answer.startswith("Call emergency services") and answer.NOTICE in r.answer
 
 
+@pytest.mark.parametrize("first, why", [("I take warfarin every day.", "you take warfarin"),
+                                        ("I'm allergic to ibuprofen and other NSAIDs.", "allergic"),
+                                        ("I'm 13 years old.", "Reye")])
+def test_the_emergency_instruction_holds_back_aspirin_the_record_rules_out(make_agent, first, why):
+    """The chest-pain instruction says "chew one 300 mg aspirin" to a patient who has not been told
+    to avoid it; an assistant that knows the patient takes warfarin (a major interaction in the
+    knowledge base), is allergic to NSAIDs or is under 16 must not say it, and says why."""
+    agent = make_agent()
+    agent.chat(first, patient_id="p-em")
+    r = agent.chat("My chest feels crushed and I'm sweating", patient_id="p-em")
+    head = r.answer.split("\n\n")[0]
+    assert r.triage["level"] == "HIGH" and head.startswith("Call emergency services")
+    assert "chew one 300 mg aspirin" not in r.answer
+    assert "Do not take aspirin unless the emergency call handler tells you to" in head and why in head
+    assert any(w["type"] == "emergency_action_adjusted" for w in r.safety_report["warnings"])
+    # with nothing on record the instruction is the knowledge base's own
+    plain = make_agent().chat("My chest feels crushed and I'm sweating", patient_id="p-em2")
+    assert "chew one 300 mg aspirin" in plain.answer and not any(
+        w["type"] == "emergency_action_adjusted" for w in plain.safety_report["warnings"])
+
+
 def test_scenario_file_errors_name_row_and_field(tmp_path, kb):
     bad = tmp_path / "s.yaml"
     bad.write_text("- {id: a, kind: allergy, sessions: [[hi, there]], expect: {must_avoid: [notadrug]}}\n")

@@ -113,6 +113,10 @@ def validate(response: str, patient_context: dict[str, Any] | None = None, kb: K
     if emergency:
         actions = list(dict.fromkeys(f["action"] for f in t.red_flags)) or [
             " ".join(kb.triage["levels"]["HIGH"]["action"].split())]
+        for h in {(h["drug"], h["detail"]): h for f in t.red_flags for h in f.get("held", [])}.values():
+            warnings.append({"type": "emergency_action_adjusted", "level": "HIGH", "drugs": [h["drug"]],
+                             "detail": f"the emergency instruction's {kb.drugs[h['drug']]['name']} is held back "
+                                       f"for this patient: {h['detail']}"})
         if not any(out.lstrip().startswith(a) for a in actions):
             out = " ".join(actions) + "\n\n" + out
             warnings.append({"type": "emergency_not_first", "level": "HIGH", "drugs": [],

@@ -188,13 +188,50 @@ def red_flags(kb: KnowledgeBase, text: str, context: str = "") -> list[dict[str,
     return fired
 
 
+_ACTION_SENTENCE = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
+
+
+def personal_action(kb: KnowledgeBase, action: str, patient: dict[str, Any]) -> tuple[str, list[dict[str, str]]]:
+    """A red flag's emergency instruction for this patient: a sentence that has them take a
+    medicine the record rules out (allergy, a major interaction with what they take, age,
+    pregnancy, kidneys: ``auditor.drug_issues`` at ``block``) is replaced by one that tells them
+    not to take it unless the emergency call handler says so, and why. The flag's generic wording
+    ("if you are not allergic to aspirin and have not been told to avoid it") asks the patient to
+    know this; the assistant does know it. Returns the text and the medicines held back."""
+    from .auditor import drug_issues
+
+    out, held = [], []
+    for sentence in _ACTION_SENTENCE.split(action):
+        named = [did for did, d in kb.drugs.items()
+                 if any(re.search(rf"\b{re.escape(n)}\b", sentence, re.I) for n in [d["name"], *d.get("other_names", [])])]
+        issue = next((i for did in named for i in drug_issues(kb, did, patient) if i["severity"] == "block"), None)
+        if issue is None:
+            out.append(sentence)
+            continue
+        name = kb.drugs[issue["drug"]]["name"]
+        if issue["type"] == "allergy":
+            why = f"you told me you are allergic to {issue['detail'].rsplit('allergic to ', 1)[1]}"
+        elif issue["type"] == "interaction":
+            why = f"you take {kb.drugs[issue['with']]['name']} ({issue['detail'].split(': ', 1)[1]})"
+        else:
+            why = issue["detail"]
+        out.append(f"Do not take {name} unless the emergency call handler tells you to: {why}.")
+        held.append({"drug": issue["drug"], "type": issue["type"], "detail": issue["detail"]})
+    return " ".join(out), held
+
+
 def triage(kb: KnowledgeBase, text: str, patient: dict[str, Any] | None = None, context: str = "") -> Triage:
-    """Triage one message given what is known of the patient (``age`` in years, ``pregnant``)
-    and, optionally, the patient's previous message as ``context`` for red flags."""
+    """Triage one message given what is known of the patient (``age`` in years, ``pregnant``,
+    and the ``allergies``, ``medications`` and ``conditions`` that make a red flag's instruction
+    personal: :func:`personal_action`) and, optionally, the patient's previous message as
+    ``context`` for red flags."""
     patient = patient or {}
     low = " ".join(text.lower().replace("’", "'").split())
     norm = normalise(low)
-    flags = red_flags(kb, low, context)
+    flags = []
+    for f in red_flags(kb, low, context):
+        action, held = personal_action(kb, f["action"], patient)
+        flags.append({**f, "action": action, **({"held": held} if held else {})})
     days = duration_days(low)
     age, pregnant = patient.get("age"), bool(patient.get("pregnant"))
     hits: list[tuple[str, str, str]] = []  # (level, rule id, reason)
