@@ -439,13 +439,15 @@ def test_the_auditor_warns_about_the_medicines_in_question_even_when_the_draft_o
     ("The patient is 67 with heart failure and takes warfarin.", "medicine not in the conversation: warfarin"),
     ("", "empty"),
     ("A 67-year-old with heart failure on furosemide; ankles more swollen for a week.", None),
+    ("67, heart failure, furosemide. Ask for paracetamol if suitable.", "medicine not in the conversation: paracetamol"),
 ])
 def test_a_model_summary_is_stored_only_when_faithful(kb, corpus, tmp_path, text, problem):
     """smol-full's 07 stored "Patient: I'm 67 and have heart failure. [E1]. [E2]. ..." as the memory
     summary; a summary that loops, carries evidence labels or names a medicine never mentioned is
     replaced by the extractive one."""
     turns = [{"user": "I'm 67 and have heart failure. I take furosemide.", "answer": "Noted [E1].", "triage": "LOW"},
-             {"user": "My ankles have been more swollen for a week.", "answer": "See your GP.", "triage": "MEDIUM"}]
+             {"user": "My ankles have been more swollen for a week.", "answer": "See your GP. Paracetamol may help.",
+              "triage": "MEDIUM"}]  # a medicine only the assistant named is not the patient's
     bm25, passages = corpus
 
     class Fixed(ScriptedWriter):

@@ -209,8 +209,10 @@ _CITE = re.compile(r"\[E\d+\]")
 def summary_problem(text: str, turns: list[dict[str, Any]], extractor: FactExtractor) -> str | None:
     """Why a model-written summary of ``turns`` must not be stored, or None when it may be: it is
     empty, it loops (``medkit.metrics.is_looping``), it carries evidence labels ([E#]: they only
-    mean something inside one answer), or it names a medicine or condition that the turns never
-    mention (a made-up fact would be "remembered" in every later turn)."""
+    mean something inside one answer), or it names a medicine or condition that the patient never
+    mentioned (a made-up fact would be "remembered" in every later turn; the assistant's own
+    answers do not count: run smol-r15's summary carried the self-care line's "ask for paracetamol"
+    into a heart-failure patient's memory)."""
     from ..metrics import is_looping
 
     if not text.strip():
@@ -219,7 +221,7 @@ def summary_problem(text: str, turns: list[dict[str, Any]], extractor: FactExtra
         return "loops"
     if _CITE.search(text):
         return "evidence labels"
-    said = " ".join(f"{t['user']} {t['answer']}" for t in turns)
+    said = " ".join(t["user"] for t in turns)
     for kind, found, known in (("medicine", extractor.drug_ids(text), set(extractor.drug_ids(said))),
                                ("condition", extractor.condition_ids(text), set(extractor.condition_ids(said)))):
         new = [x for x in found if x not in known]
