@@ -517,3 +517,19 @@ def test_abstention_threshold_is_calibrated_between_answerable_and_off_topic_sco
     out = answer.calibrate(lambda q: calls.append(q) or ([("a", 0.9)] if "asthma" in q else [("b", 0.1)]),
                            ["What is asthma?", "asthma triggers?"], ["What is the capital of Chile?"])
     assert out["answer_rate"] == 1.0 and out["offtopic_abstain_rate"] == 1.0 and len(calls) == 3
+
+
+def test_an_answer_that_fails_the_check_is_shown_as_unverified():
+    """A user must not take a failed answer for a checked one: it is marked, says why, and lists
+    every passage the answerer was given; a valid answer and an abstention are not marked."""
+    answer, texts = _evidence()
+    hits = [("drug.amoxicillin.dose", 0.9), ("cond.gout.treatment", 0.8)]
+    bad = answer.answer("amoxicillin dose?", hits, texts, 0.5, generate=lambda m: "Take 2 g four times a day.")
+    shown = bad.render()
+    assert shown.startswith("Unverified answer: it failed the citation check (1 sentence without a citation)")
+    assert "drug.amoxicillin.dose" in shown and "cond.gout.treatment" in shown and "not medical advice" in shown
+    wrong_id = answer.answer("amoxicillin dose?", hits, texts, 0.5, generate=lambda m: "500 mg three times a day [E7].")
+    assert "cites ids it was not given: E7" in wrong_id.render()
+    good = answer.answer("amoxicillin dose?", hits, texts, 0.5, generate=lambda m: "500 mg three times a day [E1].")
+    assert good.check["valid"] and "Unverified" not in good.render() and "cond.gout.treatment" not in good.render()
+    assert "Unverified" not in answer.answer("amoxicillin dose?", hits, texts, 0.95).render()  # abstention

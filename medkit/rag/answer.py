@@ -71,9 +71,17 @@ class Answer:
     notice: str = NOT_MEDICAL_ADVICE
 
     def render(self) -> str:
-        """The user-facing text: answer, sources, and the notice."""
+        """The user-facing text: answer, sources, and the notice. An answer that failed the
+        citation check is marked unverified, says why, and lists every passage it was given, so
+        that nobody takes it for a checked one (run smol-r15: "What is the usual adult dose of
+        amoxicillin?" answered, uncited, with phenoxymethylpenicillin's dose)."""
         lines = [self.text, ""]
         cited = set(self.check.get("cited", []))
+        unverified = bool(self.check) and not self.abstained and not self.check.get("valid")
+        if unverified:
+            lines.insert(0, f"Unverified answer: it failed the citation check ({failure_reason(self.check)}). "
+                            "Check it against the sources below.")
+            cited = {ev.label for ev in self.evidence if not ev.withheld}
         for ev in self.evidence:
             if ev.label in cited:
                 lines.append(f"[{ev.label}] {ev.id}: {ev.text[:160]}{'…' if len(ev.text) > 160 else ''}")
@@ -81,6 +89,19 @@ class Answer:
         if withheld:
             lines.append(f"Set aside (a retrieved passage that gives the assistant instructions): {', '.join(withheld)}")
         return "\n".join(lines + ["", self.notice]).strip()
+
+
+def failure_reason(check: dict[str, Any]) -> str:
+    """Why ``check_citations`` failed an answer, in words."""
+    reasons = []
+    if check.get("unknown_ids"):
+        reasons.append(f"cites ids it was not given: {', '.join(check['unknown_ids'])}")
+    if check.get("withheld_cited"):
+        reasons.append(f"cites a withheld passage: {', '.join(check['withheld_cited'])}")
+    if check.get("uncited_sentences"):
+        n = len(check["uncited_sentences"])
+        reasons.append(f"{n} sentence{'s' if n > 1 else ''} without a citation")
+    return "; ".join(reasons) or "no citation"
 
 
 def make_evidence(hits: list[tuple[str, float]], texts: dict[str, str]) -> list[Evidence]:
