@@ -204,6 +204,19 @@ def test_diagnosis_counts_name_synonym_or_lay_term(kbase):
     assert not cot.diagnosis_correct("Stable angina", mi) and not cot.diagnosis_correct("", mi)
 
 
+def test_icd10_counts_only_the_conditions_own_code(kbase):
+    """The targets write "(ICD-10 <code>)" from the knowledge base; a right name with a made-up
+    code (run smol-r15: sinusitis as N29.0) is not a right code."""
+    mi = kbase.conditions["myocardial_infarction"]
+    assert cot.icd10_correct(f"Acute myocardial infarction (ICD-10 {mi['icd10']})", mi)
+    assert cot.icd10_correct(f"STEMI (icd10: {mi['icd10'].lower()})", mi)
+    assert not cot.icd10_correct("Acute myocardial infarction (ICD-10 N29.0)", mi)
+    assert not cot.icd10_correct(f"MI (ICD-10 {mi['icd10']}, or ICD-10 I20.0)", mi)  # two codes: not that one
+    assert not cot.icd10_correct("Acute myocardial infarction", mi) and not cot.icd10_correct("", mi)
+    aaa = kbase.conditions["abdominal_aortic_aneurysm"]
+    assert aaa["first_line_treatment"][0].startswith("urgent")  # a case with pain is not for surveillance
+
+
 def test_target_keeps_reasoning_and_prompt_renders_as_prefix(kbase):
     row = generate.cot_cases(kbase)[0]
     target = cot.training_target(row)

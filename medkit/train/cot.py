@@ -121,10 +121,21 @@ def diagnosis_correct(diagnosis: str, condition: dict[str, Any]) -> bool:
     return any(re.search(rf"\b{re.escape(n.lower())}\b", text) for n in condition_names(condition))
 
 
+_ICD10 = re.compile(r"ICD-?10\W{0,3}([A-Z]\d{2}(?:\.\d{1,2})?)\b", re.I)  # "(ICD-10 I71.4)", as the targets write it
+
+
+def icd10_correct(diagnosis: str, condition: dict[str, Any]) -> bool:
+    """The Diagnosis section gives the condition's ICD-10 code (the knowledge base's), and no other."""
+    codes = {c.upper() for c in _ICD10.findall(diagnosis or "")}
+    return bool(codes) and codes == {condition["icd10"]}
+
+
 def evaluate(model, tok, rows: list[dict[str, Any]], kb, max_new_tokens: int = 256,
              batch_size: int = 32) -> dict[str, Any]:
-    """Generate a reply to each held-out case and score it: think-block rate, format compliance
-    and diagnosis accuracy (against the case's ``condition_id`` in the knowledge base)."""
+    """Generate a reply to each held-out case and score it: think-block rate, format compliance,
+    diagnosis accuracy (against the case's ``condition_id`` in the knowledge base) and ICD-10
+    accuracy (the code given is that condition's: a model can name the right condition and make
+    up its code)."""
     from .common import generate
 
     gens = generate(model, tok, [build_prompt(r["Question"]) for r in rows], max_new_tokens=max_new_tokens,
@@ -138,11 +149,13 @@ def evaluate(model, tok, rows: list[dict[str, Any]], kb, max_new_tokens: int = 2
         per.append({"id": r.get("id"), "reply": g["text"], "think_closed": THINK_CLOSE in g["text"],
                     "format_ok": format_ok(p), "diagnosis": p["diagnosis"],
                     "dx_correct": bool(cond) and diagnosis_correct(p["diagnosis"], cond),
+                    "icd10_correct": bool(cond) and bool(cond.get("icd10")) and icd10_correct(p["diagnosis"], cond),
                     "issues": "; ".join(p["issues"])})
     n = max(len(per), 1)
     return {"think_rate": sum(x["think_closed"] for x in per) / n,
             "format_ok": sum(x["format_ok"] for x in per) / n,
-            "dx_acc": sum(x["dx_correct"] for x in per) / n, "n": len(per), "rows": per}
+            "dx_acc": sum(x["dx_correct"] for x in per) / n, "icd10_acc": sum(x["icd10_correct"] for x in per) / n,
+            "n": len(per), "rows": per}
 
 
 # ---------------------------------------------------------------- new cases
