@@ -262,6 +262,17 @@ def triage(kb: KnowledgeBase, text: str, patient: dict[str, Any] | None = None, 
     return Triage(top, reason, [h[1] for h in chosen], flags if top == "HIGH" else [])
 
 
+def levels(texts: list[str], kb: KnowledgeBase | None = None) -> list[str]:
+    """The level 07's agent gives each text on its own (no patient record): a column to set beside
+    a model's raw replies in 02 and 03, which have no safety layer, so that a reader sees which
+    questions the assistant would open with the emergency instruction."""
+    if kb is None:
+        from .. import kb as knowledge_base
+
+        kb = knowledge_base.load()
+    return [triage(kb, t).level for t in texts]
+
+
 def department(kb: KnowledgeBase, condition_ids: list[str], level: str) -> str:
     """The department to send the patient to: Emergency on HIGH, else the first known
     condition's department, else General Practice."""

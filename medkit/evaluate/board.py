@@ -340,8 +340,9 @@ def claims_table(qa: dict, mc: dict, b: dict, lat: dict, n: dict[str, int], hw: 
                        "this run": f"SFT PubMedQA LL accuracy {_fmt(acc(b['pubmedqa'], 'sft'))} without context → "
                                    f"{_fmt(rag)} with retrieved abstracts → {_fmt(acc(b['pubmedqa_ctx'], 'sft'))} with "
                                    f"its own abstract (n={n['pubmedqa']})",
-                       "note": "a tiny model mostly follows the label prior (see the 'yes' share); the context is cut "
-                               "to the profile's word budget"})
+                       "note": "a small model leans to one label whatever the question (compare each model's 'yes' "
+                               "share with the labels' in the PubMedQA table); the context is cut to the profile's "
+                               "word budget"})
     claims.append({"claim": "safety +220% after DPO (Medical-Qwen)", "this run": "not measured in 08",
                    "note": "the safety figures come from 07_agent's auditor; 03 measures the generic/unsafe preference shift"})
     table = pd.DataFrame(claims)
