@@ -230,7 +230,10 @@ def execute(nb_path: Path, run_dir: Path, params: dict[str, Any], timeout: float
            "--log-output", "--no-progress-bar", "--cwd", str(nb_path.parent)]
     for key, value in params.items():
         cmd += ["-p", key, str(value)] if isinstance(value, str) else ["-y", f"{key}: {json.dumps(value)}"]
-    env = dict(os.environ, MEDKIT_HEADLESS="1", PYTHONUNBUFFERED="1", MPLBACKEND="Agg")
+    # matplotlib's inline backend, as in Jupyter: the executed notebook keeps every figure as an image
+    # (with Agg they were only files under plots/, and a reader of the run saw none)
+    env = dict(os.environ, MEDKIT_HEADLESS="1", PYTHONUNBUFFERED="1",
+               MPLBACKEND="module://matplotlib_inline.backend_inline")
     control = thread_control(run_dir, name)
     control_files = (control, thread_control_pid(control))
     for stale in control_files:  # an earlier attempt's
