@@ -696,3 +696,22 @@ def test_pool_counts_streams_in_flight_and_balances_around_them():
         await dead.aclose()
 
     asyncio.run(scenario())
+
+
+def test_parity_verdict_tells_rounding_from_a_broken_conversion():
+    from medkit.serve import gguf_export
+
+    def res(quant, match, exact, unexplained, rel, prompts_equal=True):
+        return {"quant": quant, "match": match, "exact": exact, "unexplained": unexplained, "near_ties": 3,
+                "steps_agree": 77, "steps": 80, "max_rel_diff": rel, "max_logit_diff": rel * 4,
+                "logit_tol": gguf_export.LOGIT_TOL[quant], "rows": [{"prompt_tokens_equal": prompts_equal}]}
+
+    assert gguf_export.parity_verdict(res("f16", True, True, 0, 0.02)).startswith("f16: parity.")
+    rounding = gguf_export.parity_verdict(res("q8_0", False, False, 0, 0.5))
+    assert "past the 0.3 allowed" in rounding and "not a broken conversion" in rounding
+    broken = gguf_export.parity_verdict(res("q8_0", False, False, 2, 3.0))
+    assert "conversion bug" in broken and "not a broken conversion" not in broken
+    template = gguf_export.parity_verdict(res("f16", False, True, 0, 0.01, prompts_equal=False))
+    assert "tokenize differently" in template and "not a broken conversion" not in template
+    f32 = gguf_export.parity_verdict(res("f32", False, False, 0, 0.02))
+    assert "greedy tokens differ" in f32 and "not a broken conversion" not in f32

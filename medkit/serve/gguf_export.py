@@ -201,6 +201,31 @@ NEAR_TIE = {"f32": 0.0, "f16": 0.05, "q8_0": 0.3}
 LOGIT_TOL = {"f32": 0.01, "f16": 0.05, "q8_0": 0.3}
 
 
+def parity_verdict(res: dict[str, Any]) -> str:
+    """One sentence on a :func:`parity` result: which of its conditions failed, and whether the
+    failure looks like rounding (every prompt tokenized alike, every disagreement a near-tie, only
+    the logit tolerance passed) or like a broken conversion."""
+    q, tol = res["quant"], res["logit_tol"]
+    if res["match"]:
+        return (f"{q}: parity. Prompts tokenized alike, {res['steps_agree']}/{res['steps']} greedy steps agree "
+                f"({res['near_ties']} near-ties), logits within {res['max_rel_diff']:.3f} of the {tol} spreads allowed.")
+    failed = []
+    prompts_ok = all(r["prompt_tokens_equal"] for r in res["rows"])
+    if not prompts_ok:
+        failed.append("the prompts tokenize differently (a tokenizer or template bug)")
+    if res["unexplained"]:
+        failed.append(f"{res['unexplained']} step(s) pick another top token with no near-tie (a conversion bug)")
+    if q == "f32" and not res["exact"]:
+        failed.append("the greedy tokens differ (an f32 file must decode the same tokens)")
+    if res["max_rel_diff"] > tol:
+        failed.append(f"logits moved up to {res['max_rel_diff']:.3f} spreads ({res['max_logit_diff']:.3f} in logits), "
+                      f"past the {tol} allowed")
+    rounding = prompts_ok and not res["unexplained"] and (q != "f32" or res["exact"])
+    return (f"{q}: no parity: " + "; ".join(failed) + "."
+            + (" Every token agrees or is a near-tie, so this is the rounding of the weights and kernels, "
+               "not a broken conversion, but more than the tolerance allows." if rounding else ""))
+
+
 def quant_of(gguf_path: str | Path) -> str:
     """The weight type written in an exported file's name (``...-f16.gguf`` → ``f16``)."""
     stem = Path(gguf_path).stem.lower()
