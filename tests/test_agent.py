@@ -410,6 +410,27 @@ class VagueWriter(ScriptedWriter):
         return "It is diagnosed with a clinical score and chest radiography. Common causes include viruses."
 
 
+def test_a_message_that_only_tells_facts_is_acknowledged_not_drafted(kb, corpus, tmp_path):
+    """Run smol-r15's 07 answered "I'm allergic to penicillin" with an empty reply: the model drafted
+    from no evidence and the auditor dropped every uncited sentence. Facts alone are acknowledged
+    from memory, and the model is not asked."""
+    bm25, passages = corpus
+
+    class Counting(VagueWriter):
+        drafts = 0
+
+        def draft(self, *a):
+            Counting.drafts += 1
+            return super().draft(*a)
+
+    agent = MedicalAgent(kb, bm25, tmp_path / "f.sqlite", {"mode": "llm"}, passages, llm=Counting())
+    r = agent.chat("Hello, I'm 29 and I'm allergic to penicillin.", patient_id="p", session_id="s")
+    assert "I have noted: " in r.answer and "allergy to penicillin" in r.answer and Counting.drafts == 0
+    r2 = agent.chat("My tonsils are swollen, the GP says tonsillitis. What medicine should I take?",
+                    patient_id="p", session_id="s")
+    assert Counting.drafts == 1 and "I have noted" not in r2.answer  # a question is drafted as before
+
+
 @pytest.mark.parametrize("turns, must_avoid", [
     (["I'm allergic to penicillin.", "My tonsils are swollen, the GP says tonsillitis. What medicine should I take?"],
      "phenoxymethylpenicillin"),

@@ -68,6 +68,11 @@ class Reply:
         return asdict(self)
 
 
+def _noted(facts: list[tuple[str, str]], kb) -> str:
+    return ("Thank you, I have noted: " + memory.describe(facts, kb)
+            + ". You can see, change or clear what I remember at any time.")
+
+
 class MedicalAgent:
     """``MedicalAgent(kb=..., retriever=..., store_path=..., cfg=...)``; ``retriever`` is anything
     with ``search(query, k) -> [(evidence id, score)]`` (the RAG ``HybridRetriever``), and
@@ -229,7 +234,10 @@ class MedicalAgent:
                                               for e in state["entities"].get(k, [])])
         calls = self._tool_calls(state, msg_drugs, doses)
         # 5 draft
-        if self.llm is not None:
+        # a message that only tells facts (retrieval skipped) is acknowledged from memory: the model would
+        # draft from no evidence, and the auditor drop every uncited sentence (run smol-r15's 07: an empty
+        # reply to "I'm allergic to penicillin")
+        if self.llm is not None and not state.get("retrieval_skipped"):
             for pid, _ in ts.retrieved:
                 ev.add(pid.split("#")[0]) or ev.add(pid)
             text = self.llm.draft(state["message"], mem, state["summary"], ev.items)
@@ -248,8 +256,7 @@ class MedicalAgent:
                         if r["in_stock"] else f"The pharmacy has no {r['name']} in stock at the moment.")
                 sentences.append(answer.Sentence(said, [n], "info"))
         if not sentences and state["add"]:
-            sentences.append(answer.Sentence("Thank you, I have noted: " + memory.describe(state["add"], kb)
-                                             + ". You can see, change or clear what I remember at any time.", [], "advice"))
+            sentences.append(answer.Sentence(_noted(state["add"], kb), [], "advice"))
         elif not sentences and tri.level != "HIGH":
             sentences.append(answer.Sentence("I could not find anything in my sources about that. Could you tell me "
                                              "more: your symptoms, how long you have had them, and any medicines you take?",
@@ -274,8 +281,10 @@ class MedicalAgent:
                 sentences = auditor.final_fallback(sentences, crit)
                 rounds.append({"round": crit["round"], "ok": False, "issues": crit["issues"],
                                "draft": answer.render(sentences), "fallback": "dropped the sentences still at issue"})
-        if tri.level != "HIGH" and not any(s.kind in ("info", "recommend", "dose", "warning", "advice")
-                                           for s in sentences) and not state["add"]:
+        said = any(s.kind in ("info", "recommend", "dose", "warning", "advice") for s in sentences)
+        if tri.level != "HIGH" and not said and state["add"]:
+            sentences.append(answer.Sentence(_noted(state["add"], kb), [], "advice"))
+        elif tri.level != "HIGH" and not said:
             sentences.append(answer.Sentence("I could not answer that safely from my sources. Please ask a pharmacist "
                                              "or doctor, and tell them your symptoms and the medicines you take.",
                                              [], "advice"))
