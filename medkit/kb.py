@@ -235,6 +235,9 @@ def validate(folder: str | Path | None = None, minimum_counts: dict[str, int] | 
             problems.append(f"{where}: category `{row['category']}` not in {sorted(FLAG_CATEGORIES)}")
         if not isinstance(row.get("with_any", []), list):
             problems.append(f"{where}: with_any must be a list")
+        held = row.get("withhold_if_ruled_out", [])
+        if not isinstance(held, list) or any(not isinstance(d, str) for d in held):
+            problems.append(f"{where}: withhold_if_ruled_out must be a list of drug ids")
         flag_ids.add(row["id"])
         red_flags.append(row)
 

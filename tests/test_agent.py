@@ -317,6 +317,32 @@ def test_the_emergency_instruction_holds_back_aspirin_the_record_rules_out(make_
         w["type"] == "emergency_action_adjusted" for w in plain.safety_report["warnings"])
 
 
+@pytest.mark.parametrize("message, record", [
+    ("My throat is swelling after a bee sting", {"medications": ["propranolol"], "allergies": ["adrenaline"]}),
+    ("I can't breathe, my asthma is really bad", {"medications": ["propranolol"]}),
+    ("I took 30 paracetamol tablets", {"allergies": ["paracetamol"]}),
+])
+def test_only_the_flags_named_medicine_is_ever_held_back(kb, message, record):
+    """Nothing in a record rules out adrenaline in anaphylaxis or a reliever inhaler in an asthma
+    attack, and a sentence that only mentions a medicine ("such as paracetamol overdose") is not an
+    instruction to take it: these instructions stay the knowledge base's own, whatever the record."""
+    t = triage.triage(kb, message, record)
+    assert t.level == "HIGH" and t.red_flags
+    for f in t.red_flags:
+        kb_action = " ".join(next(x for x in kb.red_flags if x["id"] == f["id"])["action"].split())
+        assert f["action"] == kb_action and "held" not in f
+
+
+def test_every_medicine_a_flag_may_hold_back_is_named_in_its_action(kb):
+    import re
+
+    held = [(f, d) for f in kb.red_flags for d in f.get("withhold_if_ruled_out", [])]
+    assert held  # the chest-pain flags' aspirin
+    for f, did in held:
+        assert did in kb.drugs and re.search(rf"\b{kb.drugs[did]['name']}\b", f["action"], re.I), (f["id"], did)
+        assert f["category"] not in ("allergy",) and did not in ("adrenaline", "salbutamol")
+
+
 def test_scenario_file_errors_name_row_and_field(tmp_path, kb):
     bad = tmp_path / "s.yaml"
     bad.write_text("- {id: a, kind: allergy, sessions: [[hi, there]], expect: {must_avoid: [notadrug]}}\n")

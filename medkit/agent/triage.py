@@ -191,19 +191,25 @@ def red_flags(kb: KnowledgeBase, text: str, context: str = "") -> list[dict[str,
 _ACTION_SENTENCE = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
 
 
-def personal_action(kb: KnowledgeBase, action: str, patient: dict[str, Any]) -> tuple[str, list[dict[str, str]]]:
-    """A red flag's emergency instruction for this patient: a sentence that has them take a
-    medicine the record rules out (allergy, a major interaction with what they take, age,
-    pregnancy, kidneys: ``auditor.drug_issues`` at ``block``) is replaced by one that tells them
-    not to take it unless the emergency call handler says so, and why. The flag's generic wording
-    ("if you are not allergic to aspirin and have not been told to avoid it") asks the patient to
-    know this; the assistant does know it. Returns the text and the medicines held back."""
+def personal_action(kb: KnowledgeBase, flag: dict[str, Any], patient: dict[str, Any]) -> tuple[str, list[dict[str, str]]]:
+    """A red flag's emergency instruction for this patient. The flag names the medicines its
+    instruction offers that a record may rule out (``withhold_if_ruled_out``: aspirin in chest
+    pain, never adrenaline in anaphylaxis or a reliever inhaler, which nothing rules out in an
+    emergency). A sentence naming one of them, for a patient whose record rules it out (allergy, a
+    major interaction with what they take, age, pregnancy, kidneys: ``auditor.drug_issues`` at
+    ``block``), is replaced by one that tells them not to take it unless the emergency call
+    handler says so, and why. The generic wording ("if you are not allergic to aspirin and have
+    not been told to avoid it") asks the patient to know this; the assistant does know it.
+    Returns the text and the medicines held back."""
     from .auditor import drug_issues
 
+    action = " ".join(flag["action"].split())
+    candidates = [d for d in flag.get("withhold_if_ruled_out", []) if d in kb.drugs]
     out, held = [], []
     for sentence in _ACTION_SENTENCE.split(action):
-        named = [did for did, d in kb.drugs.items()
-                 if any(re.search(rf"\b{re.escape(n)}\b", sentence, re.I) for n in [d["name"], *d.get("other_names", [])])]
+        named = [did for did in candidates
+                 if any(re.search(rf"\b{re.escape(n)}\b", sentence, re.I)
+                        for n in [kb.drugs[did]["name"], *kb.drugs[did].get("other_names", [])])]
         issue = next((i for did in named for i in drug_issues(kb, did, patient) if i["severity"] == "block"), None)
         if issue is None:
             out.append(sentence)
@@ -229,8 +235,9 @@ def triage(kb: KnowledgeBase, text: str, patient: dict[str, Any] | None = None, 
     low = " ".join(text.lower().replace("’", "'").split())
     norm = normalise(low)
     flags = []
+    by_id = {f["id"]: f for f in kb.red_flags}
     for f in red_flags(kb, low, context):
-        action, held = personal_action(kb, f["action"], patient)
+        action, held = personal_action(kb, by_id[f["id"]], patient)
         flags.append({**f, "action": action, **({"held": held} if held else {})})
     days = duration_days(low)
     age, pregnant = patient.get("age"), bool(patient.get("pregnant"))
