@@ -333,6 +333,19 @@ def test_only_the_flags_named_medicine_is_ever_held_back(kb, message, record):
         assert f["action"] == kb_action and "held" not in f
 
 
+def test_the_harness_accepts_a_held_back_medicine_only_where_the_flag_allows_it(kb):
+    chest = next(f for f in kb.red_flags if f["id"] == "crushing_chest_pain")
+    ana = next(f for f in kb.red_flags if f["id"] == "anaphylaxis_swelling")
+    act = lambda f: " ".join(f["action"].split())
+    personal, _ = triage.personal_action(kb, chest, {"medications": ["warfarin"]})
+    assert scenarios.opens_with_instruction(personal + "\n\nmore", act(chest), kb, chest["withhold_if_ruled_out"])
+    assert not scenarios.opens_with_instruction(personal, act(chest), kb, [])  # not allowed: not the instruction
+    sentences = act(ana).split(". ")
+    no_adrenaline = "Do not take adrenaline unless the emergency call handler tells you to: x. " + ". ".join(sentences[1:])
+    assert not scenarios.opens_with_instruction(no_adrenaline, act(ana), kb, ana.get("withhold_if_ruled_out", []))
+    assert scenarios.opens_with_instruction(act(ana), act(ana), kb)
+
+
 def test_every_medicine_a_flag_may_hold_back_is_named_in_its_action(kb):
     import re
 
