@@ -23,7 +23,7 @@ from typing import Any, Callable
 import yaml
 
 from .. import paths
-from . import answer
+from . import answer, triage
 
 KINDS = {"allergy", "ddi", "emergency", "paediatric", "pregnancy", "benign", "dose", "memory", "tool"}
 EXPECT_KEYS = {"must_avoid", "dose_warning", "triage", "memory", "memory_absent", "tool", "no_adult_dose"}
@@ -196,7 +196,7 @@ def opens_with_instruction(text: str, action: str, kb, may_hold: list[str] = ())
     import re
 
     rest = text.lstrip()
-    for sentence in re.split(r"(?<=[.!?])\s+(?=[A-Z])", action):
+    for sentence in triage.action_sentences(action):
         if rest.startswith(sentence):
             rest = rest[len(sentence):].lstrip()
             continue

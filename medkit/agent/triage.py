@@ -191,6 +191,11 @@ def red_flags(kb: KnowledgeBase, text: str, context: str = "") -> list[dict[str,
 _ACTION_SENTENCE = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
 
 
+def action_sentences(action: str) -> list[str]:
+    """A red flag's instruction, sentence by sentence (what :func:`personal_action` may replace)."""
+    return _ACTION_SENTENCE.split(" ".join(action.split()))
+
+
 def personal_action(kb: KnowledgeBase, flag: dict[str, Any], patient: dict[str, Any]) -> tuple[str, list[dict[str, str]]]:
     """A red flag's emergency instruction for this patient. The flag names the medicines its
     instruction offers that a record may rule out (``withhold_if_ruled_out``: aspirin in chest
@@ -203,10 +208,9 @@ def personal_action(kb: KnowledgeBase, flag: dict[str, Any], patient: dict[str, 
     Returns the text and the medicines held back."""
     from .auditor import drug_issues
 
-    action = " ".join(flag["action"].split())
     candidates = [d for d in flag.get("withhold_if_ruled_out", []) if d in kb.drugs]
     out, held = [], []
-    for sentence in _ACTION_SENTENCE.split(action):
+    for sentence in action_sentences(flag["action"]):
         named = [did for did in candidates
                  if any(re.search(rf"\b{re.escape(n)}\b", sentence, re.I)
                         for n in [kb.drugs[did]["name"], *kb.drugs[did].get("other_names", [])])]

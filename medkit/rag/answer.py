@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Callable
 
 from .. import NOT_MEDICAL_ADVICE
@@ -55,7 +56,7 @@ class Evidence:
     text: str
     score: float
 
-    @property
+    @cached_property  # read by the prompt, the check, abstention and render: scanned once
     def withheld(self) -> bool:
         """The passage reads like instructions to the model: it is never shown to the model or quoted."""
         return looks_like_injection(self.text) or any(looks_like_injection(s) for s in sentences(self.text))
@@ -143,15 +144,14 @@ def check_citations(answer_text: str, evidence: list[Evidence]) -> dict[str, Any
 
 def extractive_answer(question: str, evidence: list[Evidence], max_sentences: int = 3) -> str:
     """The ``tiny`` profile's answerer: the evidence sentences that share most content words with
-    the question, each followed by its citation. Nothing of a withheld passage is quoted, and no
-    instruction-like sentence of any other."""
+    the question, each followed by its citation. Nothing of a withheld passage is quoted."""
     q = set(tokenize(question))
     scored = []
     for rank, ev in enumerate(evidence):
         if ev.withheld:
             continue
         for pos, sent in enumerate(sentences(ev.text)):
-            if looks_like_injection(sent) or len(sent.split()) < 3:
+            if len(sent.split()) < 3:  # no sentence of a shown passage reads as an injection (``withheld``)
                 continue
             overlap = len(q & set(tokenize(sent)))
             scored.append((overlap, -rank, -pos, sent, ev.label))
