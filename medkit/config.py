@@ -71,7 +71,7 @@ PROFILES: dict[str, dict[str, Any]] = {
             "cot": {"base_model": "tiny:llama", "dataset": "course:cot", "max_steps": 300,
                     # FEMOZ's batch 2 × accumulation 4; seq_len covers the longest case (~410 tokens)
                     "batch_size": 2, "grad_accum": 4, "seq_len": 448, "lr": 1e-2,
-                    "use_unsloth": False, "warmup_steps": 5,
+                    "use_unsloth": False, "warmup_steps": 5, "gradient_checkpointing": False,
                     # room for the reasoning and both sections when scoring (the longest case ~410 tokens)
                     "max_new_tokens": 320,
                     # the tiny base never saw the reasoning delimiters: train their embedding rows
@@ -159,7 +159,7 @@ PROFILES: dict[str, dict[str, Any]] = {
                     # knowledge-base condition, medical-o1's rows do not)
                     "dataset": "FreedomIntelligence/medical-o1-reasoning-SFT", "max_steps": 60,
                     "train_limit": 1000, "eval_limit": 64, "eval_dataset": "course:cot",
-                    "batch_size": 2, "grad_accum": 4, "seq_len": 2048, "lr": 2e-4,
+                    "batch_size": 2, "grad_accum": 4, "seq_len": 2048, "lr": 2e-4, "gradient_checkpointing": True,
                     "use_unsloth": True, "warmup_steps": 5, "optim": "adamw_8bit", "load_in_4bit": True,
                     "max_new_tokens": 1024,
                     "lora": {"r": 16, "alpha": 16, "dropout": 0.0, "target_modules": _LLAMA_ALL}},
@@ -219,7 +219,7 @@ PROFILES: dict[str, dict[str, Any]] = {
             "cot": {"base_model": "unsloth/DeepSeek-R1-Distill-Llama-8B-unsloth-bnb-4bit",
                     "dataset": "FreedomIntelligence/medical-o1-reasoning-SFT", "max_steps": 200,
                     "train_limit": 2000, "eval_limit": 64, "eval_dataset": "course:cot",
-                    "batch_size": 2, "grad_accum": 4, "seq_len": 2048, "lr": 2e-4,
+                    "batch_size": 2, "grad_accum": 4, "seq_len": 2048, "lr": 2e-4, "gradient_checkpointing": True,
                     "use_unsloth": True, "warmup_steps": 5, "optim": "adamw_8bit", "load_in_4bit": True,
                     "max_new_tokens": 1024,
                     "lora": {"r": 16, "alpha": 16, "dropout": 0.0, "target_modules": _LLAMA_ALL}},
@@ -318,9 +318,15 @@ def _smol_profile() -> dict[str, Any]:
     # eval_steps 0: no evaluation inside training. With one at the last step, trl scored the 150
     # held-out pairs again (188 s of the 705 s training cell on 1 thread, scratch probe on the
     # 2-core EPYC, 2026-12-06) for the same implicit-reward accuracy 03's report after DPO gives
+    # LoRA on the top 15 of the 30 layers (`layers`): the 15 below get no adapter, so the backward
+    # pass stops at layer 15. Run probe-top15 (fourteenth session, 2-core EPYC, one core each):
+    # 03's training 589 -> 447 s, implicit-reward accuracy 1.0 as before, likelihood preference
+    # 0.68 -> 0.70. 02 keeps every layer: the same change trained 944 -> 706 s, but its replies
+    # that loop stayed at 0.104 (0.042 with every layer), and the issue asks for them to fall
     st["dpo"].update(max_steps=30, eval_steps=0, batch_size=1, grad_accum=4, gradient_checkpointing=False, seq_len=448,
                      max_prompt_tokens=384, lr=2e-4, beta=0.1, cited_pairs=60, cited_eval=10,
-                     lora={"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": _LORA_QKVO})
+                     lora={"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": _LORA_QKVO,
+                           "layers": list(range(15, 30))})
     # gradient checkpointing, as on the GPU profiles: the activations (the 49k-token logits above
     # all) otherwise outweigh the 4-bit saving in the training peak
     st["qlora"].update(base_model=smol, max_steps=30, batch_size=4, seq_len=160, lr=4e-4, gradient_checkpointing=True,
@@ -331,7 +337,14 @@ def _smol_profile() -> dict[str, Any]:
     st["cot"] = {k: v for k, v in st["cot"].items() if k != "train_tokens"}
     # 60 steps: format compliance 0.906 on the 32 held-out cases (40 steps: 0.875, below the 0.9
     # target; runs smol-cot60 and smol-full), 05 in 619 s instead of 537 s
-    st["cot"].update(base_model=smol, max_steps=60, batch_size=2, grad_accum=2, seq_len=448, lr=5e-4,
+    # No gradient checkpointing, one case per micro-batch: until the fourteenth session 05's trainer
+    # took trl's default (checkpointing on), recomputing every layer. 4 steps of 4 cases, one core
+    # each, two probes side by side (2-core EPYC): 2 x 2 with checkpointing 56.3 s at 2.34 GB; 2 x 2
+    # without 43.1 s at 3.39 GB; 1 x 4 without 42.1 s at 2.39 GB; the same losses to 3 decimals.
+    # Every layer keeps its adapter: the top 15 alone took 33.1 s, but 05's format target (0.9)
+    # had no room left to test it against
+    st["cot"].update(base_model=smol, max_steps=60, batch_size=1, grad_accum=4, seq_len=448, lr=5e-4,
+                     gradient_checkpointing=False,
                      lora={"r": 16, "alpha": 16, "dropout": 0.0, "target_modules": _LLAMA_ALL})
     # 06 and 07 write with the DPO model through llama.cpp on its f16 GGUF export (medkit.serve.runtime),
     # one reply at a time: 8 agent drafts of 07's kind on one core took 30.8 s in transformers against

@@ -293,3 +293,58 @@ def test_fused_lm_head_scores_only_labelled_positions_on_the_cpu(base, qa, monke
     labelled = int((y[:, 1:] != -100).sum())
     assert scored == [x.shape[0] * (x.shape[1] - 1), labelled] and labelled < scored[0] / 2
     assert abs(float(every) - float(compact)) < 1e-5
+
+
+def test_lora_on_the_top_layers_leaves_the_lower_ones_out_of_the_backward_pass(base):
+    """``lora.layers`` (the smol profile's 03): adapters sit on the named layers only,
+    and the layers below the lowest one carry no gradient, which is where the time goes."""
+    from peft import get_peft_model
+
+    def grad_flags(layers):
+        model, tok = common.load_causal_lm(str(base.path))
+        n = model.config.num_hidden_layers
+        lora = {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": config._LLAMA_ALL}
+        pm = get_peft_model(model, sft.lora_config(lora | ({"layers": layers(n)} if layers else {})))
+        flags = {}
+        for i, layer in enumerate(pm.base_model.model.model.layers):
+            layer.register_forward_hook(lambda m, a, out, i=i: flags.__setitem__(
+                i, (out[0] if isinstance(out, tuple) else out).requires_grad))
+        pm.train()
+        batch = tok(["Asthma is a chronic airway disease."], return_tensors="pt")
+        pm(**batch, labels=batch["input_ids"]).loss.backward()
+        adapted = sorted({int(name.split(".layers.")[1].split(".")[0])
+                          for name, p in pm.named_parameters() if "lora_" in name and p.grad is not None})
+        return n, flags, adapted
+
+    n, flags, adapted = grad_flags(None)
+    assert adapted == list(range(n)) and all(flags.values())
+    n, flags, adapted = grad_flags(lambda n: [n - 1])
+    assert adapted == [n - 1]
+    assert flags[n - 1] and not any(flags[i] for i in range(n - 1))
+
+
+@pytest.mark.parametrize("stage", ["sft", "dpo", "cot"])
+def test_each_trainer_checkpoints_gradients_only_when_the_profile_says(base, qa, tmp_path, stage):
+    """trl's configs turn gradient checkpointing on unless told otherwise; 05's trainer did not
+    pass the profile's setting, so it recomputed every layer's activations on ``smol`` (and the
+    lower layers then carried gradients that ``lora.layers`` had meant to spare)."""
+    from medkit.train import cot
+
+    seen = {}
+    for flag in (False, True):
+        model, tok = common.load_causal_lm(str(base.path))
+        cfg = config.resolve("tiny", stage, max_steps=1, gradient_checkpointing=flag)
+        if stage == "sft":
+            trainer = sft.make_trainer(model, tok, qa[:4], qa[:2], cfg, tmp_path / f"{stage}{flag}")
+        elif stage == "dpo":
+            pairs = [{"prompt": f"What is condition {i}?", "chosen": "A specific answer.", "rejected": "Ask a doctor.",
+                      "rejected_kind": "generic"} for i in range(2)]
+            trainer = dpo.make_trainer(model, tok, pairs, None, cfg, tmp_path / f"{stage}{flag}")
+        else:
+            cases = [{"Question": "A 30-year-old has a cough.", "Complex_CoT": "Likely a cold.",
+                      "Response": "**Diagnosis:** Common cold\n\n**Treatment Plan:** rest."}] * 2
+            trainer = cot.make_trainer(model, tok, cases, None, cfg, tmp_path / f"{stage}{flag}")
+        seen[flag] = trainer.args.gradient_checkpointing
+    assert seen == {False: False, True: True}
+    assert config.resolve("smol", "cot")["gradient_checkpointing"] is False
+    assert all(config.resolve(p, "cot")["gradient_checkpointing"] for p in ("colab-t4", "gpu-24gb"))

@@ -272,6 +272,8 @@ def make_trainer(model, tok, train_rows, eval_rows, cfg: dict[str, Any], out_dir
                 optim=cfg.get("optim", "adamw_8bit") if cfg["device"] == "cuda" else "adamw_torch",
                 weight_decay=0.01, logging_steps=max(1, steps // 20), eval_strategy="no", save_strategy="no",
                 max_length=cfg["seq_len"], completion_only_loss=True, report_to="none",
+                # the profile's, as in 02 and 03: trl's SFTConfig would otherwise turn it on
+                gradient_checkpointing=cfg.get("gradient_checkpointing", False),
                 seed=cfg.get("seed", 0), use_cpu=cfg["device"] == "cpu", dataloader_num_workers=0,
                 **precision_flags(cfg["dtype"]))
     args.update(extra)

@@ -45,9 +45,12 @@ def padding_waste(lengths: list[int], batch_size: int, grouped: bool, seed: int 
 
 def lora_config(lora: dict[str, Any], task_type: str = "CAUSAL_LM", **extra: Any):
     """peft ``LoraConfig`` from a profile's ``lora`` block; ``extra`` goes to ``LoraConfig``
-    (05 passes ``trainable_token_indices``)."""
+    (05 passes ``trainable_token_indices``). An optional ``layers`` key lists the decoder layers
+    that get adapters (peft's ``layers_to_transform``); absent, every layer does."""
     from peft import LoraConfig
 
+    if lora.get("layers") is not None:
+        extra = {"layers_to_transform": list(lora["layers"])} | extra
     return LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
                       target_modules=list(lora["target_modules"]), task_type=task_type, **extra)
 
