@@ -319,10 +319,12 @@ def _smol_profile() -> dict[str, Any]:
     # held-out pairs again (188 s of the 705 s training cell on 1 thread, scratch probe on the
     # 2-core EPYC, 2026-12-06) for the same implicit-reward accuracy 03's report after DPO gives
     # LoRA on the top 15 of the 30 layers (`layers`): the 15 below get no adapter, so the backward
-    # pass stops at layer 15. Run probe-top15 (fourteenth session, 2-core EPYC, one core each):
-    # 03's training 589 -> 447 s, implicit-reward accuracy 1.0 as before, likelihood preference
-    # 0.68 -> 0.70. 02 keeps every layer: the same change trained 944 -> 706 s, but its replies
-    # that loop stayed at 0.104 (0.042 with every layer), and the issue asks for them to fall
+    # pass stops at layer 15. Run smol-r18 against smol-r17 (2-core EPYC, one core each): 03's
+    # training 589 -> 418 s, implicit-reward accuracy 1.0 as before, likelihood preference 0.72 ->
+    # 0.71; downstream, 06's answers passing the citation check 4 -> 1 of 40 (docs/notes smol note,
+    # "Fourteenth session", weighs it). 02 keeps every layer: the same change trained 944 -> 706 s
+    # (worktree run top15b), but its replies that loop stayed at 0.104 (0.042 with every layer),
+    # and the issue asks for them to fall
     st["dpo"].update(max_steps=30, eval_steps=0, batch_size=1, grad_accum=4, gradient_checkpointing=False, seq_len=448,
                      max_prompt_tokens=384, lr=2e-4, beta=0.1, cited_pairs=60, cited_eval=10,
                      lora={"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": _LORA_QKVO,
