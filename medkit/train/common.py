@@ -54,8 +54,11 @@ def load_causal_lm(path: str, dtype: str = "float32", device: str = "cpu", load_
 
     ``load_in_4bit``: NF4 weights (bitsandbytes) computing in ``dtype``, for a model whose 16-bit
     weights do not fit beside the others (``medkit.memplan``): 05's merged 8B on a T4, 08's
-    leaderboard."""
+    leaderboard. On the CPU a model with grouped key/value heads attends through
+    ``attention.gqa_sdpa``: the same attention, without copying the cache for each query head."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from . import attention
 
     tok = AutoTokenizer.from_pretrained(path)
     if not tok.chat_template:
@@ -69,10 +72,10 @@ def load_causal_lm(path: str, dtype: str = "float32", device: str = "cpu", load_
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=torch_dtype(dtype), quantization_config=bnb_config(dtype),
             device_map={"": 0} if device == "cuda" else {"": device})
-        return model, tok
+        return attention.use_on_cpu(model), tok
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype))
     model.to(device)
-    return model, tok
+    return attention.use_on_cpu(model), tok
 
 
 def free_memory() -> int:

@@ -62,6 +62,8 @@ def load_base(path: str, cfg: dict[str, Any], quantized: bool = True):
     full dtype (fp32 on the CPU, 16-bit on a GPU)."""
     from transformers import AutoModelForCausalLM
 
+    from . import attention
+
     tok, model_type = _tokenizer(path)
     dtype = compute_dtype(cfg, model_type)
     kwargs: dict[str, Any] = {"dtype": torch_dtype(dtype if quantized else cfg["dtype"])}
@@ -75,7 +77,7 @@ def load_base(path: str, cfg: dict[str, Any], quantized: bool = True):
         model.to(cfg["device"])
     else:
         _detach_from_checkpoint(model)
-    return model, tok, model_type
+    return attention.use_on_cpu(model), tok, model_type
 
 
 def _detach_from_checkpoint(model) -> None:
