@@ -324,7 +324,9 @@ def _smol_profile() -> dict[str, Any]:
     # 0.71; downstream, 06's answers passing the citation check 4 -> 1 of 40 (docs/notes smol note,
     # "Fourteenth session", weighs it). 02 keeps every layer: the same change trained 944 -> 706 s
     # (worktree run top15b), but its replies that loop stayed at 0.104 (0.042 with every layer),
-    # and the issue asks for them to fall
+    # and the issue asks for them to fall. With the top 15 and lr 1e-3 (worktree run p02, 2026-12-07)
+    # training took 687 s and the loss fell further (0.67x), but replies that loop rose to 0.27 and
+    # the template held in 0.73 of replies
     st["dpo"].update(max_steps=30, eval_steps=0, batch_size=1, grad_accum=4, gradient_checkpointing=False, seq_len=448,
                      max_prompt_tokens=384, lr=2e-4, beta=0.1, cited_pairs=60, cited_eval=10,
                      lora={"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": _LORA_QKVO,
@@ -343,8 +345,9 @@ def _smol_profile() -> dict[str, Any]:
     # took trl's default (checkpointing on), recomputing every layer. 4 steps of 4 cases, one core
     # each, two probes side by side (2-core EPYC): 2 x 2 with checkpointing 56.3 s at 2.34 GB; 2 x 2
     # without 43.1 s at 3.39 GB; 1 x 4 without 42.1 s at 2.39 GB; the same losses to 3 decimals.
-    # Every layer keeps its adapter: the top 15 alone took 33.1 s, but 05's format target (0.9)
-    # had no room left to test it against
+    # Every layer keeps its adapter: the top 15 alone took 33.1 s for those 4 steps, and 05 trained
+    # in 455 s instead of 587, but format compliance fell to 0.56 (target 0.9; worktree run p05,
+    # 2026-12-07, one core beside another probe)
     st["cot"].update(base_model=smol, max_steps=60, batch_size=1, grad_accum=4, seq_len=448, lr=5e-4,
                      gradient_checkpointing=False,
                      lora={"r": 16, "alpha": 16, "dropout": 0.0, "target_modules": _LLAMA_ALL})
