@@ -1,7 +1,7 @@
 """Grouped-query attention on the CPU without copying the key/value cache.
 
-SmolLM2 (like Llama 3, Qwen2 and Phi-3-style models) has fewer key/value heads than query heads:
-9 query heads share 3 key/value heads. transformers' ``sdpa`` attention passes that to
+SmolLM2, like Llama 3 and Qwen2, has fewer key/value heads than query heads: its 9 query heads
+share 3 key/value heads. transformers' ``sdpa`` attention passes that to
 ``torch.nn.functional.scaled_dot_product_attention`` as "grouped" only when there is no attention
 mask; with one (a batch of left-padded prompts, which is every batched generation in the course)
 it first repeats each key/value head for its query heads (``repeat_kv``): a copy of the whole cache,
