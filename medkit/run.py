@@ -202,10 +202,13 @@ def set_threads(control: Path, n: int) -> bool:
     when it does."""
     import psutil
 
-    tmp = control.with_name(control.name + ".tmp")
-    tmp.write_text(f"{n}\n")
-    tmp.replace(control)
     try:
+        # the notebook may have been submitted and not started yet: its folder may not exist
+        # (a crash here once ended a whole --jobs run); the kernel reads the count when it starts
+        control.parent.mkdir(parents=True, exist_ok=True)
+        tmp = control.with_name(control.name + ".tmp")
+        tmp.write_text(f"{n}\n")
+        tmp.replace(control)
         proc = psutil.Process(int(thread_control_pid(control).read_text()))
         if proc.environ().get(THREAD_CONTROL_ENV) != str(control):
             return False
@@ -213,6 +216,17 @@ def set_threads(control: Path, n: int) -> bool:
     except (OSError, ValueError, psutil.Error):
         return False
     return True
+
+
+def fresh_control(run_dir: Path, name: str) -> Path:
+    """The notebook's folder, without an earlier attempt's thread-control files. The runner calls
+    it before it submits the notebook, so a count that ``set_threads`` writes between the
+    submission and the kernel's start is kept, not deleted as stale."""
+    control = thread_control(run_dir, name)
+    control.parent.mkdir(parents=True, exist_ok=True)
+    for stale in (control, thread_control_pid(control)):
+        stale.unlink(missing_ok=True)
+    return control.parent
 
 
 def execute(nb_path: Path, run_dir: Path, params: dict[str, Any], timeout: float | None,
@@ -235,9 +249,7 @@ def execute(nb_path: Path, run_dir: Path, params: dict[str, Any], timeout: float
     env = dict(os.environ, MEDKIT_HEADLESS="1", PYTHONUNBUFFERED="1",
                MPLBACKEND="module://matplotlib_inline.backend_inline")
     control = thread_control(run_dir, name)
-    control_files = (control, thread_control_pid(control))
-    for stale in control_files:  # an earlier attempt's
-        stale.unlink(missing_ok=True)
+    control_files = (control, thread_control_pid(control))  # removed when it ends (before it: fresh_control)
     if threads:
         env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
         env[THREAD_CONTROL_ENV] = str(control)  # the runner may give it more cores later
@@ -582,6 +594,7 @@ def main(argv: list[str] | None = None) -> int:
                 threads = None if name in EXCLUSIVE or alone else share
                 if threads:
                     current[name], begun[name] = threads, time.perf_counter()
+                fresh_control(run_dir, name)
                 running[pool.submit(execute, nb_path, run_dir, params, args.timeout, args.kernel, threads)] = name
                 if name in EXCLUSIVE:
                     break

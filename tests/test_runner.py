@@ -192,7 +192,8 @@ def test_jobs_run_independent_notebooks_side_by_side_and_keep_dependencies(tmp_p
     assert r.returncode == 1, r.stdout + r.stderr
     summary = json.loads((root / "runs" / "j" / "summary.json").read_text())
     assert summary["jobs"] == 2
-    assert [nb["name"] for nb in summary["notebooks"]] == ["01_a", "02_b", "03_c", "04_fails", "05_needs_04"]
+    assert [nb["name"] for nb in summary["notebooks"]] == ["01_a", "02_b", "03_c", "04_fails", "05_needs_04"], \
+        r.stdout[-3000:] + r.stderr[-3000:]  # an incomplete summary: the runner's own output says why
     status = {nb["name"]: nb["status"] for nb in summary["notebooks"]}
     assert status == {"01_a": "ok", "02_b": "ok", "03_c": "ok", "04_fails": "failed", "05_needs_04": "skipped"}, \
         [nb.get("error") for nb in summary["notebooks"]]
@@ -241,3 +242,23 @@ def test_profile_artifacts_add_dependencies():
         assert "03_dpo" in run.depends_of(rag, profile), profile
         assert "03_dpo" in run.depends_of(agent, profile), profile
     assert run.depends_of(nbdir / "04_qlora_phi2.ipynb", "smol") == ["01_data"]
+
+
+def test_more_cores_for_a_notebook_that_has_not_started_yet_are_kept_for_it(tmp_path):
+    """With --jobs, the runner may widen a notebook it has submitted before the notebook's worker
+    has made its folder (its partner ended at that moment). That once raised FileNotFoundError
+    and ended the whole run with a half-written summary; now the count waits in the folder for
+    the kernel, and preparing the notebook does not delete it."""
+    from medkit import run
+
+    run_dir = tmp_path / "runs" / "j"
+    run.fresh_control(run_dir, "04_x")  # what the runner does before it submits the notebook
+    control = run.thread_control(run_dir, "04_x")
+    assert run.set_threads(control, 2) is False  # no kernel yet to signal
+    assert control.read_text() == "2\n"
+    # a folder that does not exist yet either (a submission racing its worker)
+    late = run.thread_control(run_dir, "05_y")
+    assert run.set_threads(late, 2) is False and late.read_text() == "2\n"
+    # an earlier attempt's files are stale before a new attempt starts
+    run.fresh_control(run_dir, "05_y")
+    assert not late.exists()
