@@ -1,5 +1,6 @@
 """08_benchmarking helpers: benchmark loaders (schemas, skips), scorers for decoder and
 encoder-decoder folders, bootstrap intervals, citation support, the ledger and the CLI."""
+import contextlib
 import json
 import shutil
 import subprocess
@@ -129,19 +130,51 @@ def test_shared_prefix_scoring_matches_full_forward_and_runs_each_prompt_once(qw
     pairs = [(common.messages(mcq.question_text(r), mcq.MCQ_SYSTEM), mcq.answer_line(r, i))
              for i in range(4) for r in rows]  # interleaved: a prompt's options are not adjacent
     prompts, comps = [p for p, _ in pairs], [c for _, c in pairs]
-    seen = []
-    hook = s.model.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["input_ids"].shape), with_kwargs=True)
-    try:
+    with _passes(s.model) as (prompt_passes, completion_passes):
         sums, counts, right = common.shared_prefix_logprobs(s.model, s.tok, prompts, comps, batch_size=8)
-    finally:
-        hook.remove()
     logp, mask, ok = _full_forward_logprobs(s.model, s.tok, prompts, comps)
     assert counts == mask.sum(-1).tolist() and right == ok.sum(-1).tolist()
     assert max(abs(a - b) for a, b in zip(sums, logp.sum(-1).tolist())) < 1e-3
-    # prompt passes (even calls) hold 5 rows in all, one per question; the option passes 20
-    assert sum(shape[0] for shape in seen[0::2]) == len(rows)
-    assert sum(shape[0] for shape in seen[1::2]) == len(pairs)
-    assert all(shape[1] <= max(counts) for shape in seen[1::2])
+    # the prompt passes hold 5 rows in all, one per question; the option passes 20, at most 8 a pass
+    assert sum(shape[0] for shape in prompt_passes) == len(rows)
+    assert sum(shape[0] for shape in completion_passes) == len(pairs)
+    assert all(shape[0] <= 8 and shape[1] <= max(counts) for shape in completion_passes)
+
+
+@contextlib.contextmanager
+def _passes(model):
+    """The input shapes of the forward passes ``shared_prefix_logprobs`` makes: prompt passes
+    (no cache given) and completion passes (a prompt's cache given)."""
+    prompt_passes, completion_passes = [], []
+
+    def record(module, args, kwargs):
+        shape = tuple(kwargs["input_ids"].shape)
+        (completion_passes if kwargs.get("past_key_values") is not None else prompt_passes).append(shape)
+
+    hook = model.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        yield prompt_passes, completion_passes
+    finally:
+        hook.remove()
+
+
+def test_shared_prefix_batches_completions_of_similar_length(qwen):
+    """A short and a verbose answer to the same prompt (03's chosen and rejected) go to different
+    batches: each batch is padded to its longest completion, so the padded positions stay close to
+    the real ones. Batches that held whole prompt groups padded every short answer to the verbose
+    one beside it (about twice the real positions here)."""
+    s = bench.load_scorer(qwen.path, "qwen")
+    questions = ["What causes asthma?", "What is anaemia?", "How is gout treated?", "What is a migraine?"]
+    long = ("It is a long-term condition with several causes, and the answer goes on for a while "
+            "about triggers, tests, treatment, follow-up and when to seek urgent care.")
+    prompts = [common.messages(q) for q in questions for _ in range(2)]
+    comps = [c for _ in questions for c in ("Yes.", long)]
+    with _passes(s.model) as (_, completion_passes):
+        sums, counts, _ = common.shared_prefix_logprobs(s.model, s.tok, prompts, comps, batch_size=4)
+    padded = sum(rows * width for rows, width in completion_passes)
+    assert sum(counts) <= padded <= 1.2 * sum(counts)
+    full, _, _ = _full_forward_logprobs(s.model, s.tok, prompts, comps)
+    assert max(abs(a - b) for a, b in zip(sums, full.sum(-1).tolist())) < 1e-3
 
 
 def test_seq2seq_loglik_matches_the_model_loss(t5):

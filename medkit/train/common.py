@@ -308,8 +308,17 @@ def shared_prefix_logprobs(model, tok, prompts: list[list[dict[str, str]]], comp
     (``logits_to_keep=1``: only its last position's output head), its key/value cache is copied
     to each of its completions, and only the completion tokens run again and get logits. On a
     benchmark prompt of a few hundred tokens and short options this is the forward work of one
-    option instead of four, and the logits tensor is completion-sized, not prompt-sized. A LoRA
-    model is scored with its adapters folded in (``lora_merged``)."""
+    option instead of four, and the logits tensor is completion-sized, not prompt-sized.
+
+    Prompts run in chunks of similar length (at most ``4 * batch_size`` completions and
+    ``batch_size * 256`` prompt positions each); a chunk's completions then run in batches of
+    ``batch_size`` *sorted by their own length*, each with its rows of the chunk's cache. A batch
+    is padded to its longest completion, so a short chosen answer no longer runs at the width of
+    a verbose rejected one beside it (03's held-out pairs: 30,282 padded completion positions for
+    11,370 real ones when each batch held whole prompt groups). A LoRA model is scored with its
+    adapters folded in (``lora_merged``)."""
+    import copy
+
     import torch
 
     order: dict[tuple[int, ...], list[int]] = {}
@@ -318,42 +327,48 @@ def shared_prefix_logprobs(model, tok, prompts: list[list[dict[str, str]]], comp
         full, n_prompt = tokenize_completion(tok, p, c)
         order.setdefault(tuple(full[:n_prompt]), []).append(k)
         tails.append(full[n_prompt:])
-    heads = sorted(order, key=len)
-    per_prompt = max(len(v) for v in order.values()) if order else 1
-    step = max(1, batch_size // per_prompt)
+    chunks: list[list[tuple[int, ...]]] = []
+    for h in sorted(order, key=len):  # sorted: a chunk's prompts need little left padding
+        cur = chunks[-1] if chunks else None
+        if (cur is None or sum(len(order[g]) for g in cur) + len(order[h]) > 4 * batch_size
+                or (len(cur) + 1) * len(h) > batch_size * 256):
+            chunks.append([h])
+        else:
+            cur.append(h)
     sums, counts, right = [0.0] * len(tails), [0] * len(tails), [0] * len(tails)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     dev = model.device
     model.eval()
-    with lora_merged(model):
-        for s in range(0, len(heads), step):
-            group = heads[s: s + step]
+    with lora_merged(model), torch.no_grad():
+        for group in chunks:
             width = max(len(h) for h in group)
             ids = torch.tensor([[pad] * (width - len(h)) + list(h) for h in group], device=dev)
             attn = torch.tensor([[0] * (width - len(h)) + [1] * len(h) for h in group], device=dev)
             pos = (attn.cumsum(-1) - 1).clamp(min=0)
-            items = [(g, k) for g, h in enumerate(group) for k in order[h]]
-            rows = torch.tensor([g for g, _ in items], device=dev)
-            cwidth = max(len(tails[k]) for _, k in items)
-            cids = torch.tensor([tails[k] + [pad] * (cwidth - len(tails[k])) for _, k in items], device=dev)
-            cattn = torch.tensor([[1] * len(tails[k]) + [0] * (cwidth - len(tails[k])) for _, k in items], device=dev)
-            with torch.no_grad():
-                out = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True, logits_to_keep=1)
-                cache = out.past_key_values
+            out = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True, logits_to_keep=1)
+            items = sorted(((g, k) for g, h in enumerate(group) for k in order[h]), key=lambda it: len(tails[it[1]]))
+            for s in range(0, len(items), batch_size):
+                part = items[s: s + batch_size]
+                rows = torch.tensor([g for g, _ in part], device=dev)
+                last = s + batch_size >= len(items)  # the chunk's last batch may take the cache itself
+                cache = out.past_key_values if last else copy.deepcopy(out.past_key_values)
                 cache.reorder_cache(rows)  # one copy of its prompt's cache per completion
-                lens = attn.sum(-1)[rows]
-                cpos = lens.unsqueeze(-1) + torch.arange(cwidth, device=dev)
+                cwidth = max(len(tails[k]) for _, k in part)
+                cids = torch.tensor([tails[k] + [pad] * (cwidth - len(tails[k])) for _, k in part], device=dev)
+                cattn = torch.tensor([[1] * len(tails[k]) + [0] * (cwidth - len(tails[k])) for _, k in part],
+                                     device=dev)
+                cpos = attn.sum(-1)[rows].unsqueeze(-1) + torch.arange(cwidth, device=dev)
                 logits = model(input_ids=cids, attention_mask=torch.cat([attn[rows], cattn], -1), position_ids=cpos,
                                past_key_values=cache, use_cache=True).logits
-            # token j of a completion is predicted by the prompt's last position (j = 0) or by
-            # completion position j - 1
-            pred = torch.cat([out.logits[rows, -1:], logits[:, :-1]], 1).float()
-            mask = cattn.bool()
-            logp = torch.log_softmax(pred, -1).gather(-1, cids.unsqueeze(-1)).squeeze(-1)
-            logp = torch.where(mask, logp, torch.zeros_like(logp))
-            ok = (pred.argmax(-1) == cids) & mask
-            for r, (_, k) in enumerate(items):
-                sums[k], counts[k], right[k] = float(logp[r].sum()), int(mask[r].sum()), int(ok[r].sum())
+                # token j of a completion is predicted by the prompt's last position (j = 0) or by
+                # completion position j - 1
+                pred = torch.cat([out.logits[rows, -1:], logits[:, :-1]], 1).float()
+                mask = cattn.bool()
+                logp = torch.log_softmax(pred, -1).gather(-1, cids.unsqueeze(-1)).squeeze(-1)
+                logp = torch.where(mask, logp, torch.zeros_like(logp))
+                ok = (pred.argmax(-1) == cids) & mask
+                for r, (_, k) in enumerate(part):
+                    sums[k], counts[k], right[k] = float(logp[r].sum()), int(mask[r].sum()), int(ok[r].sum())
 
     return sums, counts, right
 
