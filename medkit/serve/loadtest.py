@@ -186,14 +186,15 @@ def compare(engines: dict[str, Any], concurrencies: list[int], max_tokens: int =
 def four_backends(model_dir: str | Path, gguf_path: str | Path, log_dir: str | Path, max_model_len: int = 256,
                   dtype: str = "float32", kv_cache_gib: int = 1, max_batch: int = 64,
                   tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1,
-                  device: str = "cpu") -> dict[str, Any]:
+                  device: str = "cpu", enforce_eager: bool = False) -> dict[str, Any]:
     """The benchmark's engines, not started: (a) HF naive, (b) HF static batching, (c) llama.cpp
     on the GGUF, (d) vLLM. Each gets a free loopback port and a log under ``log_dir``. The HF
     servers run on ``device`` in ``dtype``, as vLLM does (the GPU on GPU profiles).
 
     Threads: vLLM for CPU binds its model to ``cpu_count - 1`` cores and keeps one for its API
     process; the others get the same number of compute threads, so all four do the model's
-    arithmetic on the same cores."""
+    arithmetic on the same cores. ``enforce_eager``: vLLM without its start-up compile
+    (:func:`~medkit.serve.engines.vllm_command`)."""
     from . import engines as e
 
     log_dir = Path(log_dir)
@@ -212,7 +213,8 @@ def four_backends(model_dir: str | Path, gguf_path: str | Path, log_dir: str | P
                                    ports["llamacpp"], "llamacpp", log_dir / "llamacpp.log"),
         "vllm": e.EngineServer(e.vllm_command(model_dir, ports["vllm"], max_model_len=max_model_len, dtype=dtype,
                                               max_num_seqs=max_batch, tensor_parallel_size=tensor_parallel_size,
-                                              pipeline_parallel_size=pipeline_parallel_size),
+                                              pipeline_parallel_size=pipeline_parallel_size,
+                                              enforce_eager=enforce_eager),
                                ports["vllm"], "vllm", log_dir / "vllm.log", env=kv_env, start_timeout=600),
     }
 
