@@ -275,3 +275,21 @@ def test_cli_prints_json_and_rejects_bad_input(qwen, tmp_path):
     assert proc.returncode == 2 and "missing field 'contexts'" in proc.stderr
     proc = _cli("--model", tmp_path, "--bench", "pubmedqa", "--data", good)
     assert proc.returncode == 2 and "not a model folder" in proc.stderr
+
+
+def test_cache_rows_gives_each_batch_its_rows_and_leaves_the_chunk_cache_alone(qwen):
+    """``common._cache_rows``: the rows asked for (repeats allowed) in a cache of their own; the
+    chunk's cache keeps its tensors, so the next batch of the chunk reads the same prompts."""
+    import torch
+
+    s = bench.load_scorer(qwen.path, "qwen")
+    ids = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]])
+    with torch.no_grad():
+        cache = s.model(input_ids=ids, use_cache=True).past_key_values
+    before = [layer.keys.clone() for layer in cache.layers]
+    sub = common._cache_rows(cache, torch.tensor([1, 1, 0]))
+    assert torch.equal(sub.layers[0].keys[0], before[0][1]) and torch.equal(sub.layers[0].keys[2], before[0][0])
+    with torch.no_grad():  # the batch's pass appends to its own cache only
+        s.model(input_ids=torch.tensor([[3], [4], [5]]), past_key_values=sub, use_cache=True)
+    assert sub.get_seq_length() == 5 and cache.get_seq_length() == 4
+    assert all(torch.equal(layer.keys, b) for layer, b in zip(cache.layers, before))
