@@ -379,17 +379,14 @@ def shared_prefix_logprobs(model, tok, prompts: list[list[dict[str, str]]], comp
 
 
 def _cache_rows(cache, rows):
-    """A new cache holding ``rows`` of ``cache`` (a row may repeat), ``cache`` left as it was.
-    transformers' ``reorder_cache`` replaces each layer's tensors with an ``index_select`` of
-    them, so it runs on shallow copies of the cache and its layers: the chunk's tensors are read,
-    never copied whole. A cache without ``layers`` is deep-copied first."""
+    """A new cache holding ``rows`` of a decoder's ``cache`` (a row may repeat), ``cache`` left as
+    it was. transformers' ``reorder_cache`` replaces each layer's tensors with an ``index_select``
+    of them, so it runs on shallow copies of the cache and its layers: the chunk's tensors are
+    read, never copied whole."""
     import copy
 
-    if isinstance(getattr(cache, "layers", None), list):
-        sub = copy.copy(cache)
-        sub.layers = [copy.copy(layer) for layer in cache.layers]
-    else:
-        sub = copy.deepcopy(cache)
+    sub = copy.copy(cache)
+    sub.layers = [copy.copy(layer) for layer in cache.layers]
     sub.reorder_cache(rows)
     return sub
 
