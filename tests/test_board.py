@@ -68,6 +68,28 @@ def test_the_sft_rag_pubmedqa_row_is_scored_on_retrieved_context_not_copied(monk
     assert table.loc["sft+rag", "context"] == "retrieved abstracts" and table.loc["sft+rag", "no context, LL"] == "n/a"
 
 
+def test_the_sft_rag_row_takes_the_sft_log_likelihoods_on_retrieved_abstracts_and_generates_its_own(monkeypatch):
+    """The SFT + RAG PubMedQA row and the SFT row of ``pubmedqa_retrieved`` are the same model on the
+    same prompts: their log-likelihoods are scored once; the row's generations run on the
+    retrieved abstracts."""
+    calls, gens = [], []
+    monkeypatch.setattr(bench, "score_pubmedqa", _fake_pubmedqa(calls))
+
+    def generation(scorer, rows, with_context, words=150, n=0):
+        gens.append((scorer, with_context, [tuple(r["contexts"]) for r in rows], n))
+        return {"correct_gen": [True] * n, "acc_gen": 1.0, "format_rate_gen": 1.0, "n_gen": n}
+    monkeypatch.setattr(bench, "pubmedqa_generation", generation)
+    cfg = {"n_bench_generate": 1, "context_words": 50}
+    retrieved = [dict(r, contexts=["something retrieved"], retrieved=["3"]) for r in POOL[:2]]
+    b = board.score_benchmarks({"base": "bad", "sft": "good"}, {"pubmedqa": POOL[:2]}, cfg, retrieved)
+    on_retrieved = [c for c in calls if c[2] == [("something retrieved",)] * 2]
+    assert [c[0] for c in on_retrieved] == ["bad", "good"]  # each model once, none twice
+    rag = b["pubmedqa_ctx"]["sft+rag"]
+    assert rag["correct_norm"] == b["pubmedqa_retrieved"]["sft"]["correct_norm"] and rag["acc_gen"] == 1.0
+    assert "acc_gen" not in b["pubmedqa_retrieved"]["sft"]  # the copy took the generations, not the SFT row
+    assert gens == [("good", True, [("something retrieved",)] * 2, 1)]
+
+
 def test_every_model_is_scored_on_the_retrieved_abstracts_and_recorded(monkeypatch):
     calls = []
     monkeypatch.setattr(bench, "score_pubmedqa", _fake_pubmedqa(calls))

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 
 from medkit import config
@@ -173,6 +174,35 @@ def test_rounded_gguf_agrees_within_the_stated_tolerance(model_dir, tmp_path, qu
     assert result["unexplained"] == 0 and result["match"], result["rows"]
     assert 0 < result["max_rel_diff"] <= gguf_export.LOGIT_TOL[quant]
     assert result["steps_agree"] + result["near_ties"] == result["steps"]
+
+
+def test_one_transformers_reference_serves_every_export(model_dir, tmp_path):
+    """09 checks three files against one ``hf_reference``: it must give what a full forward gives
+    at every step, the same verdicts as a parity run that computes its own, and refuse a reference
+    made for other questions."""
+    import torch
+
+    from medkit.train.common import load_causal_lm
+
+    model, tok = load_causal_lm(str(model_dir))
+    ref = gguf_export.hf_reference(model_dir, PARITY_PROMPTS, n_tokens=6, hf=(model, tok))
+    for row in ref["rows"]:
+        assert row["ids"][: len(row["prompt"])] == row["prompt"] and len(row["ids"]) == len(row["prompt"]) + 6
+        with torch.no_grad():  # the cached steps against the whole sequence run at once
+            full = model(torch.tensor([row["ids"][:-1]])).logits[0, len(row["prompt"]) - 1:].float().numpy()
+        assert np.abs(full - np.stack(row["logits"])).max() < 1e-3
+        assert [int(x.argmax()) for x in row["logits"]] == row["ids"][len(row["prompt"]):]
+    for quant in ("f32", "q8_0"):
+        path = gguf_export.export(model_dir, tmp_path / f"m-{quant}.gguf", quant)
+        shared = gguf_export.parity(model_dir, path, PARITY_PROMPTS, n_tokens=6, reference=ref)
+        own = gguf_export.parity(model_dir, path, PARITY_PROMPTS, n_tokens=6)
+        assert (shared["match"], shared["exact"], shared["steps"]) == (own["match"], own["exact"], own["steps"])
+        assert [r["hf_ids"] for r in shared["rows"]] == [r["hf_ids"] for r in own["rows"]]
+        assert abs(shared["max_logit_diff"] - own["max_logit_diff"]) < 1e-3
+    with pytest.raises(ValueError, match="other questions"):
+        gguf_export.parity(model_dir, path, PARITY_PROMPTS[:1], n_tokens=6, reference=ref)
+    with pytest.raises(ValueError, match="number of tokens"):
+        gguf_export.parity(model_dir, path, PARITY_PROMPTS, n_tokens=8, reference=ref)
 
 
 def test_gguf_export_of_a_llama_layout_permutes_rope_and_matches(tmp_path):

@@ -346,13 +346,22 @@ def score_pubmedqa(scorer: Scorer, rows: list[dict[str, Any]], with_context: boo
     out["pred_dist"] = {lab: _choose(sums, counts, 3, True).count(i) / max(len(rows), 1)
                         for i, lab in enumerate(PUBMEDQA_LABELS)}
     if n_generate:
-        gens = scorer.generate(users[:n_generate], PUBMEDQA_SYSTEM, max_new_tokens=8)
-        decisions = [extract_decision(g["text"]) for g in gens]
-        out["correct_gen"] = [d == r["final_decision"] for d, r in zip(decisions, rows)]
-        out["acc_gen"] = sum(out["correct_gen"]) / len(gens)
-        out["format_rate_gen"] = sum(d is not None for d in decisions) / len(gens)
-        out["n_gen"] = len(gens)
+        out.update(pubmedqa_generation(scorer, rows, with_context, context_words, n_generate))
     return out
+
+
+def pubmedqa_generation(scorer: Scorer, rows: list[dict[str, Any]], with_context: bool, context_words: int = 150,
+                        n_generate: int = 12) -> dict[str, Any]:
+    """The generation half of :func:`score_pubmedqa` on its own: greedy replies to the first
+    ``n_generate`` rows, read by strict extraction (``correct_gen``, ``acc_gen``, ``format_rate_gen``,
+    ``n_gen``). For a row whose log-likelihoods another call already holds (08's SFT + RAG row: the
+    SFT model on the retrieved abstracts is also the SFT row of ``pubmedqa_retrieved``)."""
+    users = [pubmedqa_prompt(r, with_context, context_words) for r in rows[:n_generate]]
+    gens = scorer.generate(users, PUBMEDQA_SYSTEM, max_new_tokens=8)
+    decisions = [extract_decision(g["text"]) for g in gens]
+    correct = [d == r["final_decision"] for d, r in zip(decisions, rows)]
+    return {"correct_gen": correct, "acc_gen": sum(correct) / len(gens),
+            "format_rate_gen": sum(d is not None for d in decisions) / len(gens), "n_gen": len(gens)}
 
 
 def score_mcq(scorer: Scorer, rows: list[dict[str, Any]], n_generate: int = 0,

@@ -182,7 +182,11 @@ def score_benchmarks(scorers, real: dict[str, list], cfg: dict[str, Any],
         for name, s in scorers.items():
             out["pubmedqa_retrieved"][name] = bench.score_pubmedqa(s, rag_pubmedqa, True, words)
     if rag_pubmedqa is not None and "sft" in scorers:
-        out["pubmedqa_ctx"]["sft+rag"] = bench.score_pubmedqa(scorers["sft"], rag_pubmedqa, True, words, ng)
+        # the SFT model on the retrieved abstracts: its log-likelihoods are the SFT row just scored,
+        # so only its generations run
+        out["pubmedqa_ctx"]["sft+rag"] = dict(out["pubmedqa_retrieved"]["sft"])
+        if ng:
+            out["pubmedqa_ctx"]["sft+rag"].update(bench.pubmedqa_generation(scorers["sft"], rag_pubmedqa, True, words, ng))
     return out
 
 

@@ -236,8 +236,37 @@ def quant_of(gguf_path: str | Path) -> str:
                      f"(one of {QUANT_TYPES})")
 
 
+def hf_reference(model_dir: str | Path, questions: list[str], n_tokens: int = 16, hf=None) -> dict[str, Any]:
+    """transformers' side of :func:`parity`, computed once and shared by every export of the same
+    model (09 checks f32, f16 and q8_0 against it): per question, the chat-formatted prompt's token
+    ids, ``n_tokens`` greedy steps (plain argmax, no stopping rule) and each step's logits. The
+    steps run incrementally on the key/value cache, as ``generate`` does. ``hf``: an already loaded
+    ``(model, tokenizer)``."""
+    import torch
+
+    from ..train.common import load_causal_lm, messages
+
+    model, tok = hf or load_causal_lm(str(model_dir))
+    model.eval()
+    rows = []
+    for q in questions:
+        text = tok.apply_chat_template(messages(q), tokenize=False, add_generation_prompt=True)
+        prompt = tok(text, add_special_tokens=False)["input_ids"]
+        ids, logits_per_step, cache, new = list(prompt), [], None, list(prompt)
+        with torch.no_grad():
+            for _ in range(n_tokens):
+                out = model(torch.tensor([new]), past_key_values=cache, use_cache=True)
+                cache = out.past_key_values
+                logits = out.logits[0, -1].float().numpy()
+                logits_per_step.append(logits)
+                new = [int(logits.argmax())]
+                ids.append(new[0])
+        rows.append({"question": q, "text": text, "prompt": prompt, "ids": ids, "logits": logits_per_step})
+    return {"n_tokens": n_tokens, "rows": rows, "tokenizer": tok}
+
+
 def parity(model_dir: str | Path, gguf_path: str | Path, questions: list[str], n_tokens: int = 16,
-           llm=None, hf=None, quant: str | None = None) -> dict[str, Any]:
+           llm=None, hf=None, quant: str | None = None, reference: dict[str, Any] | None = None) -> dict[str, Any]:
     """Compare transformers and llama.cpp on chat prompts, so that a conversion bug fails and
     rounding does not.
 
@@ -249,28 +278,24 @@ def parity(model_dir: str | Path, gguf_path: str | Path, questions: list[str], n
     logit spreads (the margin is reported). ``match``: every prompt's ids are equal, every
     disagreement is a near-tie, and the largest logit difference is within ``LOGIT_TOL[quant]``
     spreads (``max_rel_diff``; ``max_logit_diff`` is the same in logits); for f32 the greedy tokens
-    must also be identical. ``hf``: an already loaded ``(model, tokenizer)``."""
+    must also be identical. ``hf``: an already loaded ``(model, tokenizer)``; ``reference``:
+    :func:`hf_reference`'s result for these questions, so that transformers runs once for several
+    exports."""
     import numpy as np
-    import torch
-
-    from ..train.common import load_causal_lm, messages
 
     quant = quant or quant_of(gguf_path)
-    model, tok = hf or load_causal_lm(str(model_dir))
-    model.eval()
+    if reference is None:
+        reference = hf_reference(model_dir, questions, n_tokens, hf)
+    elif [r["question"] for r in reference["rows"]] != list(questions) or reference["n_tokens"] != n_tokens:
+        raise ValueError(f"{gguf_path}: the transformers reference was computed for other questions or another "
+                         f"number of tokens ({reference['n_tokens']}, not {n_tokens})")
+    tok = reference["tokenizer"]
     if llm is None:
         llm = load_llama(gguf_path, logits_all=True)
     rows = []
-    for q in questions:
-        text = tok.apply_chat_template(messages(q), tokenize=False, add_generation_prompt=True)
-        hf_prompt = tok(text, add_special_tokens=False)["input_ids"]
+    for ref in reference["rows"]:
+        q, text, hf_prompt, ids, hf_logits = ref["question"], ref["text"], ref["prompt"], ref["ids"], ref["logits"]
         cpp_prompt = llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
-        ids, hf_logits = list(hf_prompt), []
-        with torch.no_grad():  # plain greedy steps: no stopping rule, so both sides make n_tokens
-            for _ in range(n_tokens):
-                logits = model(torch.tensor([ids])).logits[0, -1].float().numpy()
-                hf_logits.append(logits)
-                ids.append(int(logits.argmax()))
         hf_ids = ids[len(hf_prompt):]
         llm.reset()
         cpp_ids = []
