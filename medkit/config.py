@@ -74,6 +74,8 @@ PROFILES: dict[str, dict[str, Any]] = {
                     "use_unsloth": False, "warmup_steps": 5, "gradient_checkpointing": False,
                     # room for the reasoning and both sections when scoring (the longest case ~410 tokens)
                     "max_new_tokens": 320,
+                    # replies written per generation batch when scoring (cot.evaluate_sets)
+                    "eval_batch_size": 32,
                     # the tiny base never saw the reasoning delimiters: train their embedding rows
                     "train_tokens": ["<think>", "</think>"],
                     "lora": {"r": 16, "alpha": 16, "dropout": 0.0, "target_modules": _LLAMA_ALL}},
@@ -165,7 +167,7 @@ PROFILES: dict[str, dict[str, Any]] = {
                     "train_limit": 1000, "eval_limit": 64, "eval_dataset": "course:cot",
                     "batch_size": 2, "grad_accum": 4, "seq_len": 2048, "lr": 2e-4, "gradient_checkpointing": True,
                     "use_unsloth": True, "warmup_steps": 5, "optim": "adamw_8bit", "load_in_4bit": True,
-                    "max_new_tokens": 1024,
+                    "max_new_tokens": 1024, "eval_batch_size": 32,
                     "lora": {"r": 16, "alpha": 16, "dropout": 0.0, "target_modules": _LLAMA_ALL}},
             "rag": {"embedder": "BAAI/bge-small-en-v1.5", "reranker": "BAAI/bge-reranker-base",
                     "top_k": 10, "rerank_k": 3, "reranker_max_length": 512, "min_score": 0.3,
@@ -225,7 +227,7 @@ PROFILES: dict[str, dict[str, Any]] = {
                     "train_limit": 2000, "eval_limit": 64, "eval_dataset": "course:cot",
                     "batch_size": 2, "grad_accum": 4, "seq_len": 2048, "lr": 2e-4, "gradient_checkpointing": True,
                     "use_unsloth": True, "warmup_steps": 5, "optim": "adamw_8bit", "load_in_4bit": True,
-                    "max_new_tokens": 1024,
+                    "max_new_tokens": 1024, "eval_batch_size": 32,
                     "lora": {"r": 16, "alpha": 16, "dropout": 0.0, "target_modules": _LLAMA_ALL}},
             "rag": {"embedder": "BAAI/bge-m3", "reranker": "BAAI/bge-reranker-v2-m3",
                     "top_k": 10, "rerank_k": 3, "reranker_max_length": 512, "min_score": 0.3,
@@ -352,8 +354,11 @@ def _smol_profile() -> dict[str, Any]:
     # Every layer keeps its adapter: the top 15 alone took 33.1 s for those 4 steps, and 05 trained
     # in 455 s instead of 587, but format compliance fell to 0.56 (target 0.9; worktree run p05,
     # 2026-12-07, one core beside another probe)
+    # the 32 held-out cases and the 12 new ones in one generation batch of 44 (cot.evaluate_sets):
+    # a batch runs until its longest reply ends, and on one core 44 replies of 96 tokens took 34 s
+    # against 26 + 14 s in batches of 32 and 12 (scratch probe, 2-core EPYC, 2026-12-07)
     st["cot"].update(base_model=smol, max_steps=60, batch_size=1, grad_accum=4, seq_len=448, lr=5e-4,
-                     gradient_checkpointing=False,
+                     gradient_checkpointing=False, eval_batch_size=48,
                      lora={"r": 16, "alpha": 16, "dropout": 0.0, "target_modules": _LLAMA_ALL})
     # 06 and 07 write with the DPO model through llama.cpp on its f16 GGUF export (medkit.serve.runtime),
     # one reply at a time: 8 agent drafts of 07's kind on one core took 30.8 s in transformers against

@@ -371,7 +371,7 @@ def plan(profile: str) -> list[Step]:
         "activations": activation_bytes(r1, c["batch_size"], c["seq_len"], b16, True),
         "logits": logits_bytes(r1, c["batch_size"], c["seq_len"], b16), "CUDA context": ctx},
         f"batch {c['batch_size']} × {c['seq_len']} tokens, gradient checkpointing")
-    gen_batch, gen_tokens = 32, 512 + 1024  # cot.evaluate's batch; 05's max_new_tokens on a GPU
+    gen_batch, gen_tokens = c.get("eval_batch_size", 32), 512 + 1024  # cot.evaluate_sets' batch; 05's max_new_tokens on a GPU
     add("05_r1_cot_unsloth", "cot: generation", {
         "weights NF4": w4, "LoRA (fp32)": lora_n * 4, "KV cache": kv_cache_bytes(r1, gen_batch, gen_tokens, b16),
         "CUDA context": ctx}, f"{gen_batch} replies × {gen_tokens} tokens (prompt ≤ 512 + reasoning)")

@@ -89,6 +89,28 @@ def test_decision_extraction_is_strict(text, want):
     assert bench.extract_decision(text) == want
 
 
+def test_mcq_options_and_the_whole_reply_score_in_one_pass_as_they_do_apart(qwen, mcqs):
+    """04 scores each prompt's four options and its reference reply together: the same option
+    picks and scores, and the same loss and token accuracy as ``completion_scores`` gives alone."""
+    from medkit.train.common import load_causal_lm
+
+    model, tok = load_causal_lm(str(qwen.path))
+    targets = [mcq.target_text(r) for r in mcqs]
+    apart = mcq.loglik_choices(model, tok, mcqs)
+    together = mcq.loglik_choices(model, tok, mcqs, targets=targets)
+    assert [r["pred"] for r in together] == [r["pred"] for r in apart]
+    assert max(abs(a - b) for x, y in zip(apart, together) for a, b in zip(x["scores"], y["scores"])) < 1e-4
+    ref = common.completion_scores(model, tok, mcq.prompts(mcqs), targets, per_item=True)
+    got = mcq.target_figures(together)
+    assert got["loss"] == pytest.approx(ref["loss"], rel=1e-4) and got["token_accuracy"] == ref["token_accuracy"]
+    assert got["perplexity"] == pytest.approx(ref["perplexity"], rel=1e-3)
+    # item by item: each target was scored after its own row's prompt
+    assert [r["target_tokens"] for r in together] == ref["items"]["tokens"]
+    assert max(abs(r["target_logp"] - x) for r, x in zip(together, ref["items"]["logp"])) < 1e-3
+    with pytest.raises(ValueError, match="targets"):
+        mcq.loglik_choices(model, tok, mcqs, targets=targets[:-1])
+
+
 # ---------------------------------------------------------------- scorers
 
 def test_decoder_scorer_agrees_with_the_mcq_module(qwen, mcqs):

@@ -348,3 +348,29 @@ def test_each_trainer_checkpoints_gradients_only_when_the_profile_says(base, qa,
     assert seen == {False: False, True: True}
     assert config.resolve("smol", "cot")["gradient_checkpointing"] is False
     assert all(config.resolve(p, "cot")["gradient_checkpointing"] for p in ("colab-t4", "gpu-24gb"))
+
+
+def test_cot_sets_are_written_in_one_generation_pass_and_scored_apart(base, kbase, monkeypatch):
+    """05 writes the held-out and the new cases in the same batches (``cot.evaluate_sets``): one
+    ``generate`` call over every prompt, then each set scored on its own replies, in order."""
+    from medkit.train import cot
+
+    conds = [c for c in kbase.conditions.values() if c.get("icd10")][:3]
+    held = [{"id": f"h{i}", "Question": f"Case {i}: a cough.", "condition_id": c["id"]} for i, c in enumerate(conds[:2])]
+    new = [{"id": "n0", "Question": "Case n: a rash.", "condition_id": conds[2]["id"]}]
+    calls = []
+
+    def fake_generate(model, tok, prompts, max_new_tokens=64, batch_size=16, **kw):
+        calls.append((len(prompts), batch_size))
+        # the held-out cases get the right diagnosis in the R1 format, the new case prose only
+        return [{"text": f"<think>x</think>\n**Diagnosis:** {conds[k]['name']}\n**Treatment Plan:** rest.", "stopped": True}
+                if k < 2 else {"text": "It is probably nothing.", "stopped": True} for k in range(len(prompts))]
+    monkeypatch.setattr(common, "generate", fake_generate)
+    _, tok = common.load_causal_lm(str(base.path))
+    got_held, got_new = cot.evaluate_sets(None, tok, [held, new], kbase, max_new_tokens=8, batch_size=48)
+    assert calls == [(3, 48)]
+    assert [r["id"] for r in got_held["rows"]] == ["h0", "h1"] and [r["id"] for r in got_new["rows"]] == ["n0"]
+    assert (got_held["format_ok"], got_held["dx_acc"], got_held["n"]) == (1.0, 1.0, 2)
+    assert (got_new["format_ok"], got_new["dx_acc"], got_new["n"]) == (0.0, 0.0, 1)
+    assert cot.evaluate(None, tok, held, kbase, max_new_tokens=8)["dx_acc"] == 1.0 and calls[-1] == (2, 32)
+    assert config.resolve("smol", "cot")["eval_batch_size"] >= 44 and config.resolve("gpu-24gb", "cot")["eval_batch_size"] == 32

@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from ..train.common import generate, messages, shared_prefix_logprobs
+from ..train.common import answer_figures, generate, messages, shared_prefix_logprobs
 
 LETTERS = "ABCD"
 OPTION_FIELDS = ("opa", "opb", "opc", "opd")
@@ -76,23 +76,41 @@ def to_sft_rows(rows: list[dict[str, Any]]) -> list[dict[str, str]]:
 
 
 def loglik_choices(model, tok, rows: list[dict[str, Any]], system: str = MCQ_SYSTEM,
-                   batch_size: int = 32, per_token: bool = True) -> list[dict[str, Any]]:
+                   batch_size: int = 32, per_token: bool = True,
+                   targets: list[str] | None = None) -> list[dict[str, Any]]:
     """For each row, the log-likelihood of each option's answer line and the option the model
     prefers. ``per_token``: compare the mean log-probability per token, so a long option is
-    not penalised for its length (the sum is kept in ``sum_scores``)."""
+    not penalised for its length (the sum is kept in ``sum_scores``).
+
+    ``targets`` (one text per row, e.g. :func:`target_text`): also score that whole reply after the
+    same prompt, in the same pass (the prompt runs once for its options and its target), into
+    ``target_logp``, ``target_tokens`` and ``target_right``; :func:`target_figures` turns them into
+    the loss, perplexity and token accuracy that ``common.completion_scores`` would report."""
+    if targets is not None and len(targets) != len(rows):
+        raise ValueError(f"loglik_choices: {len(targets)} targets for {len(rows)} rows")
+    per_row = len(OPTION_FIELDS) + (targets is not None)
     flat_prompts, flat_answers = [], []
-    for p, r in zip(prompts(rows, system), rows):
-        for i in range(len(OPTION_FIELDS)):
-            flat_prompts.append(p)
-            flat_answers.append(answer_line(r, i))
-    sums, counts, _ = shared_prefix_logprobs(model, tok, flat_prompts, flat_answers, batch_size)
+    for k, (p, r) in enumerate(zip(prompts(rows, system), rows)):
+        answers = [answer_line(r, i) for i in range(len(OPTION_FIELDS))] + ([targets[k]] if targets is not None else [])
+        flat_prompts += [p] * per_row
+        flat_answers += answers
+    sums, counts, right = shared_prefix_logprobs(model, tok, flat_prompts, flat_answers, batch_size)
     out = []
     for k, r in enumerate(rows):
-        total = sums[4 * k: 4 * k + 4]
-        opt = [t / max(c, 1) for t, c in zip(total, counts[4 * k: 4 * k + 4])] if per_token else total
+        at = per_row * k
+        total = sums[at: at + 4]
+        opt = [t / max(c, 1) for t, c in zip(total, counts[at: at + 4])] if per_token else total
         pred = max(range(4), key=opt.__getitem__)
         out.append({"pred": pred, "correct": pred == r["cop"], "scores": opt, "sum_scores": total})
+        if targets is not None:
+            out[-1].update(target_logp=sums[at + 4], target_tokens=counts[at + 4], target_right=right[at + 4])
     return out
+
+
+def target_figures(scored: list[dict[str, Any]]) -> dict[str, float]:
+    """Loss, perplexity and token accuracy on the targets that :func:`loglik_choices` scored."""
+    return answer_figures([r["target_logp"] for r in scored], [r["target_tokens"] for r in scored],
+                          [r["target_right"] for r in scored])
 
 
 _STRICT = re.compile(r"^\s*(?:\**answer\**\s*[:\-]\s*\**\s*([A-D])\b|([A-D])\s*[.)](?:\s|$))", re.I)

@@ -354,8 +354,7 @@ def shared_prefix_logprobs(model, tok, prompts: list[list[dict[str, str]]], comp
             pos = (attn.cumsum(-1) - 1).clamp(min=0)
             out = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True, logits_to_keep=1)
             items = sorted(((g, k) for g, h in enumerate(group) for k in order[h]), key=lambda it: len(tails[it[1]]))
-            for s in range(0, len(items), batch_size):
-                part = items[s: s + batch_size]
+            for part in _length_batches(items, [len(tails[k]) for _, k in items], batch_size):
                 rows = torch.tensor([g for g, _ in part], device=dev)
                 cache = _cache_rows(out.past_key_values, rows)  # its prompt's cache, once per completion
                 cwidth = max(len(tails[k]) for _, k in part)
@@ -378,6 +377,22 @@ def shared_prefix_logprobs(model, tok, prompts: list[list[dict[str, str]]], comp
     return sums, counts, right
 
 
+def _length_batches(items: list, lengths: list[int], batch_size: int) -> list[list]:
+    """``items`` (sorted by ``lengths``, ascending) in batches of at most ``batch_size``; a batch
+    also ends before an item more than twice as long as its first, so that short completions (an
+    MCQ's options) are not padded to the width of long ones scored after the same prompt (its
+    whole reference reply)."""
+    batches: list[list] = []
+    first = 0
+    for item, n in zip(items, lengths):
+        if batches and len(batches[-1]) < batch_size and n <= max(2 * first, 1):
+            batches[-1].append(item)
+        else:
+            batches.append([item])
+            first = n
+    return batches
+
+
 def _cache_rows(cache, rows):
     """A new cache holding ``rows`` of a decoder's ``cache`` (a row may repeat), ``cache`` left as
     it was. transformers' ``reorder_cache`` replaces each layer's tensors with an ``index_select``
@@ -398,14 +413,18 @@ def completion_scores(model, tok, prompts: list[list[dict[str, str]]], answers: 
     (``logp``), scored tokens (``tokens``) and right top guesses (``right``), so any subset can be
     scored again without running the model (``medkit.evaluate.heldout.split_result``)."""
     logp, tokens, right = shared_prefix_logprobs(model, tok, prompts, answers, batch_size)
-    items: dict[str, list] = {"logp": logp, "tokens": tokens, "right": right}
-    total_tok = sum(items["tokens"])
-    mean_loss = -sum(items["logp"]) / max(total_tok, 1)
-    out: dict[str, Any] = {"loss": mean_loss, "perplexity": perplexity(mean_loss),
-                           "token_accuracy": sum(items["right"]) / max(total_tok, 1)}
+    out = answer_figures(logp, tokens, right)
     if per_item:
-        out["items"] = items
+        out["items"] = {"logp": logp, "tokens": tokens, "right": right}
     return out
+
+
+def answer_figures(logp: list[float], tokens: list[int], right: list[int]) -> dict[str, float]:
+    """Loss (mean negative log-probability per answer token), perplexity and token accuracy from
+    per-answer sums, as :func:`completion_scores` reports them."""
+    total_tok = sum(tokens)
+    mean_loss = -sum(logp) / max(total_tok, 1)
+    return {"loss": mean_loss, "perplexity": perplexity(mean_loss), "token_accuracy": sum(right) / max(total_tok, 1)}
 
 
 def write_model_card(folder: str | Path, title: str, base: str, data: str, hyper: dict[str, Any],

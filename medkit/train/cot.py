@@ -136,12 +136,31 @@ def evaluate(model, tok, rows: list[dict[str, Any]], kb, max_new_tokens: int = 2
     diagnosis accuracy (against the case's ``condition_id`` in the knowledge base) and ICD-10
     accuracy (the code given is that condition's: a model can name the right condition and make
     up its code)."""
+    return evaluate_sets(model, tok, [rows], kb, max_new_tokens, batch_size)[0]
+
+
+def evaluate_sets(model, tok, sets: list[list[dict[str, Any]]], kb, max_new_tokens: int = 256,
+                  batch_size: int = 32) -> list[dict[str, Any]]:
+    """:func:`evaluate` on several sets of cases (05: the held-out cases and the new ones) with
+    one generation pass: the replies of every set are written in the same batches of
+    ``batch_size``, then each set is scored on its own. A batch runs until its longest reply
+    ends, so 32 held-out cases and 12 new ones in one batch of 44 cost less than a batch of 32
+    and another of 12 (96 tokens on one core: 26 s for 32 replies, 34 s for 44, 14 s for 12)."""
     from .common import generate
 
-    gens = generate(model, tok, [build_prompt(r["Question"]) for r in rows], max_new_tokens=max_new_tokens,
+    every = [r for rows in sets for r in rows]
+    gens = generate(model, tok, [build_prompt(r["Question"]) for r in every], max_new_tokens=max_new_tokens,
                     batch_size=batch_size)
     opened = tok.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False,
                                      add_generation_prompt=True).rstrip().endswith(THINK_OPEN)
+    out, at = [], 0
+    for rows in sets:
+        out.append(_score_replies(rows, gens[at: at + len(rows)], kb, opened))
+        at += len(rows)
+    return out
+
+
+def _score_replies(rows: list[dict[str, Any]], gens: list[dict[str, Any]], kb, opened: bool) -> dict[str, Any]:
     per = []
     for r, g in zip(rows, gens):
         p = parse_reasoning(g["text"], prompt_opened=opened)
