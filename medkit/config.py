@@ -47,6 +47,8 @@ PROFILES: dict[str, dict[str, Any]] = {
             "data": {"source": "course", "augment_factor": 2},
             "sft": {"base_model": "tiny:qwen2", "dataset": "course:qa", "max_steps": 200,
                     "batch_size": 16, "seq_len": 256, "lr": 3e-3,
+                    # validation rows the trainer's evaluations (the learning curve) score
+                    "curve_rows": 128,
                     # rows in 06's evidence format that teach [E#] citations (medkit.train.grounded);
                     # none here: a 1M-parameter model cannot read evidence, 06 answers extractively
                     "grounded_rows": 0, "grounded_abstain_share": 0.2,
@@ -65,6 +67,8 @@ PROFILES: dict[str, dict[str, Any]] = {
             # 4-bit matmuls on a CPU dequantise every step: a short budget keeps 04 near 2 minutes
             "qlora": {"base_model": "tiny:phi", "dataset": "course:mcq", "max_steps": 80,
                       "batch_size": 8, "seq_len": 192, "lr": 4e-3, "load_in_4bit": True,
+                      # validation rows the trainer's evaluations (the learning curve) score
+                      "curve_rows": 64,
                       "hpo": {"ranks": [8, 32], "lrs": [1e-3, 4e-3], "steps": 10},
                       "lora": {"r": 32, "alpha": 64, "dropout": 0.1,
                                "target_modules": ["q_proj", "k_proj", "v_proj", "dense"]}},
@@ -141,7 +145,7 @@ PROFILES: dict[str, dict[str, Any]] = {
             "data": {"source": "hf", "augment_factor": 2},
             "sft": {"base_model": "Qwen/Qwen2.5-0.5B-Instruct", "dataset": "course:qa",
                     "max_steps": 500, "batch_size": 8, "grad_accum": 2, "seq_len": 512, "lr": 2e-4,
-                    "grounded_rows": 2000, "grounded_abstain_share": 0.2,
+                    "grounded_rows": 2000, "grounded_abstain_share": 0.2, "curve_rows": 128,
                     "gradient_checkpointing": True,
                     "lora": {"r": 64, "alpha": 128, "dropout": 0.05, "target_modules": _LORA_QKVO}},
             "t5": {"base_model": "google/flan-t5-small", "dataset": "course:qa", "max_steps": 500,
@@ -156,7 +160,7 @@ PROFILES: dict[str, dict[str, Any]] = {
             "qlora": {"base_model": "microsoft/phi-2", "dataset": "openlifescienceai/medmcqa",
                       "train_limit": 6000, "eval_limit": 300,
                       "max_steps": 300, "batch_size": 4, "grad_accum": 4, "seq_len": 512, "lr": 2e-4,
-                      "load_in_4bit": True, "gradient_checkpointing": True,
+                      "load_in_4bit": True, "curve_rows": 64, "gradient_checkpointing": True,
                       "hpo": {"ranks": [16, 32], "lrs": [1e-4, 2e-4], "steps": 30},
                       "lora": {"r": 32, "alpha": 64, "dropout": 0.1,
                                "target_modules": ["q_proj", "k_proj", "v_proj", "dense"]}},
@@ -205,7 +209,7 @@ PROFILES: dict[str, dict[str, Any]] = {
             # tokens the loss's logits alone (Qwen's 152k vocabulary) take 23 GiB (medkit.memplan)
             "sft": {"base_model": "Qwen/Qwen2.5-0.5B-Instruct", "dataset": "course:qa",
                     "max_steps": 1000, "batch_size": 4, "grad_accum": 4, "seq_len": 1024, "lr": 2e-4,
-                    "grounded_rows": 2000, "grounded_abstain_share": 0.2,
+                    "grounded_rows": 2000, "grounded_abstain_share": 0.2, "curve_rows": 128,
                     "gradient_checkpointing": True,
                     "lora": {"r": 64, "alpha": 128, "dropout": 0.05, "target_modules": _LORA_QKVO}},
             "t5": {"base_model": "google/flan-t5-small", "dataset": "course:qa", "max_steps": 1000,
@@ -218,7 +222,7 @@ PROFILES: dict[str, dict[str, Any]] = {
             "qlora": {"base_model": "microsoft/phi-2", "dataset": "openlifescienceai/medmcqa",
                       "train_limit": 20000, "eval_limit": 400,
                       "max_steps": 1000, "batch_size": 8, "grad_accum": 2, "seq_len": 512, "lr": 2e-4,
-                      "load_in_4bit": True, "gradient_checkpointing": True,  # eager attention: 27 GiB without
+                      "load_in_4bit": True, "curve_rows": 64, "gradient_checkpointing": True,  # eager attention: 27 GiB without
                       "hpo": {"ranks": [16, 32, 64], "lrs": [1e-4, 2e-4], "steps": 50},
                       "lora": {"r": 32, "alpha": 64, "dropout": 0.1,
                                "target_modules": ["q_proj", "k_proj", "v_proj", "dense"]}},
@@ -310,7 +314,10 @@ def _smol_profile() -> dict[str, Any]:
     # was 9% of a training step's CPU time in a torch.profiler trace, and 4 steps of 8 real 02 rows
     # on one core took 45.0 s without against 52.0 s with 0.05, the losses equal to 2 decimals
     # (scratch probe on the 2-core EPYC, 2026-12-06)
+    # The learning curve's 3 evaluations score 64 validation rows, not 128: one at a time (batch 1),
+    # they took 38, 39 and 40 s of the 877 s training cell in run smol-r20 (trainer_state.json)
     st["sft"].update(base_model=smol, max_steps=60, batch_size=1, grad_accum=8, eval_steps=20, seq_len=448, lr=5e-4,
+                     curve_rows=64,
                      gradient_checkpointing=False, grounded_rows=2400, grounded_abstain_share=0.0,
                      lora={"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": _LLAMA_ALL})
     # lr 5e-5 moved every implicit-reward margin the right way (accuracy 0 -> 1.0) but flipped no
@@ -339,7 +346,10 @@ def _smol_profile() -> dict[str, Any]:
                            "layers": list(range(15, 30))})
     # gradient checkpointing, as on the GPU profiles: the activations (the 49k-token logits above
     # all) otherwise outweigh the 4-bit saving in the training peak
+    # the learning curve's 3 evaluations score 32 validation rows, as the grid search's trials do:
+    # 64 took 19 s each in 4-bit on one core (scratch probe, 2-core EPYC, 2026-12-07)
     st["qlora"].update(base_model=smol, max_steps=30, batch_size=4, seq_len=160, lr=4e-4, gradient_checkpointing=True,
+                       curve_rows=32,
                        hpo={"ranks": [8, 32], "lrs": [1e-4, 4e-4], "steps": 3},
                        lora={"r": 32, "alpha": 64, "dropout": 0.1, "target_modules": _LORA_QKVO})
     # SmolLM2 has no <think> token: the delimiters are ordinary BPE pieces it already reads, so no

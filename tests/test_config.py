@@ -26,6 +26,9 @@ def test_every_profile_names_every_stage(name):
             assert key in s, f"{name}.{stage} lacks {key}"
         if stage != "t5":
             assert {"r", "alpha", "dropout", "target_modules"} <= set(s["lora"])
+    # what 02 and 04 evaluate for their learning curves, and 05's generation batch, are settings too
+    assert config.resolve(name, "sft")["curve_rows"] > 0 and config.resolve(name, "qlora")["curve_rows"] > 0
+    assert config.resolve(name, "cot")["eval_batch_size"] > 0
 
 
 def test_gpu_profiles_name_the_real_models():
