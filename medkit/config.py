@@ -47,7 +47,8 @@ PROFILES: dict[str, dict[str, Any]] = {
             "data": {"source": "course", "augment_factor": 2},
             "sft": {"base_model": "tiny:qwen2", "dataset": "course:qa", "max_steps": 200,
                     "batch_size": 16, "seq_len": 256, "lr": 3e-3,
-                    # validation rows the trainer's evaluations (the learning curve) score
+                    # validation rows the trainer's evaluations (the learning curve) score; 02's
+                    # T5 trainer evaluates the same rows
                     "curve_rows": 128,
                     # rows in 06's evidence format that teach [E#] citations (medkit.train.grounded);
                     # none here: a 1M-parameter model cannot read evidence, 06 answers extractively

@@ -53,7 +53,7 @@ def _fake_pubmedqa(calls):
     return score
 
 
-def test_the_sft_rag_pubmedqa_row_is_scored_on_retrieved_context_not_copied(monkeypatch):
+def test_the_sft_rag_pubmedqa_row_reads_the_retrieved_abstracts_not_its_own(monkeypatch):
     calls = []
     monkeypatch.setattr(bench, "score_pubmedqa", _fake_pubmedqa(calls))
     cfg = {"n_bench_generate": 0, "context_words": 50}

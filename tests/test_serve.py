@@ -178,8 +178,8 @@ def test_rounded_gguf_agrees_within_the_stated_tolerance(model_dir, tmp_path, qu
 
 def test_one_transformers_reference_serves_every_export(model_dir, tmp_path):
     """09 checks three files against one ``hf_reference``: it must give what a full forward gives
-    at every step, the same verdicts as a parity run that computes its own, and refuse a reference
-    made for other questions."""
+    at every step, each file its own verdict, and be refused for other questions, another number
+    of tokens or another model."""
     import torch
 
     from medkit.train.common import load_causal_lm
@@ -192,17 +192,22 @@ def test_one_transformers_reference_serves_every_export(model_dir, tmp_path):
             full = model(torch.tensor([row["ids"][:-1]])).logits[0, len(row["prompt"]) - 1:].float().numpy()
         assert np.abs(full - np.stack(row["logits"])).max() < 1e-3
         assert [int(x.argmax()) for x in row["logits"]] == row["ids"][len(row["prompt"]):]
-    for quant in ("f32", "q8_0"):
-        path = gguf_export.export(model_dir, tmp_path / f"m-{quant}.gguf", quant)
-        shared = gguf_export.parity(model_dir, path, PARITY_PROMPTS, n_tokens=6, reference=ref)
-        own = gguf_export.parity(model_dir, path, PARITY_PROMPTS, n_tokens=6)
-        assert (shared["match"], shared["exact"], shared["steps"]) == (own["match"], own["exact"], own["steps"])
-        assert [r["hf_ids"] for r in shared["rows"]] == [r["hf_ids"] for r in own["rows"]]
-        assert abs(shared["max_logit_diff"] - own["max_logit_diff"]) < 1e-3
+    # one reference, two files: each gets the verdict its weight type should get
+    f32 = gguf_export.parity(model_dir, gguf_export.export(model_dir, tmp_path / "m-f32.gguf", "f32"),
+                             PARITY_PROMPTS, n_tokens=6, reference=ref)
+    q8 = gguf_export.parity(model_dir, gguf_export.export(model_dir, tmp_path / "m-q8_0.gguf", "q8_0"),
+                            PARITY_PROMPTS, n_tokens=6, reference=ref)
+    assert f32["exact"] and f32["match"] and f32["max_rel_diff"] <= gguf_export.LOGIT_TOL["f32"]
+    assert q8["quant"] == "q8_0" and q8["unexplained"] == 0 and 0 < q8["max_rel_diff"] <= gguf_export.LOGIT_TOL["q8_0"]
+    assert [r["hf_ids"] for r in f32["rows"]] == [r["ids"][len(r["prompt"]):] for r in ref["rows"]]
+    path = tmp_path / "m-f32.gguf"
     with pytest.raises(ValueError, match="other questions"):
         gguf_export.parity(model_dir, path, PARITY_PROMPTS[:1], n_tokens=6, reference=ref)
-    with pytest.raises(ValueError, match="number of tokens"):
+    with pytest.raises(ValueError, match="for 6 tokens, not 8"):
         gguf_export.parity(model_dir, path, PARITY_PROMPTS, n_tokens=8, reference=ref)
+    other = dict(ref, model_dir=str(tmp_path / "another-model"))
+    with pytest.raises(ValueError, match="another-model"):
+        gguf_export.parity(model_dir, path, PARITY_PROMPTS, n_tokens=6, reference=other)
 
 
 def test_gguf_export_of_a_llama_layout_permutes_rope_and_matches(tmp_path):

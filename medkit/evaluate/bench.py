@@ -350,8 +350,8 @@ def score_pubmedqa(scorer: Scorer, rows: list[dict[str, Any]], with_context: boo
     return out
 
 
-def pubmedqa_generation(scorer: Scorer, rows: list[dict[str, Any]], with_context: bool, context_words: int = 150,
-                        n_generate: int = 12) -> dict[str, Any]:
+def pubmedqa_generation(scorer: Scorer, rows: list[dict[str, Any]], with_context: bool, context_words: int,
+                        n_generate: int) -> dict[str, Any]:
     """The generation half of :func:`score_pubmedqa` on its own: greedy replies to the first
     ``n_generate`` rows, read by strict extraction (``correct_gen``, ``acc_gen``, ``format_rate_gen``,
     ``n_gen``). For a row whose log-likelihoods another call already holds (08's SFT + RAG row: the

@@ -4,6 +4,7 @@ abstracts for PubMedQA), scoring every model on the same items, the leaderboard,
 table, the ledger and the metric keys recorded in ``summary.json``."""
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 from dataclasses import dataclass
@@ -184,7 +185,7 @@ def score_benchmarks(scorers, real: dict[str, list], cfg: dict[str, Any],
     if rag_pubmedqa is not None and "sft" in scorers:
         # the SFT model on the retrieved abstracts: its log-likelihoods are the SFT row just scored,
         # so only its generations run
-        out["pubmedqa_ctx"]["sft+rag"] = dict(out["pubmedqa_retrieved"]["sft"])
+        out["pubmedqa_ctx"]["sft+rag"] = copy.deepcopy(out["pubmedqa_retrieved"]["sft"])
         if ng:
             out["pubmedqa_ctx"]["sft+rag"].update(bench.pubmedqa_generation(scorers["sft"], rag_pubmedqa, True, words, ng))
     return out

@@ -88,22 +88,23 @@ def loglik_choices(model, tok, rows: list[dict[str, Any]], system: str = MCQ_SYS
     the loss, perplexity and token accuracy that ``common.completion_scores`` would report."""
     if targets is not None and len(targets) != len(rows):
         raise ValueError(f"loglik_choices: {len(targets)} targets for {len(rows)} rows")
-    per_row = len(OPTION_FIELDS) + (targets is not None)
+    n_opt = len(OPTION_FIELDS)
+    per_row = n_opt + (targets is not None)
     flat_prompts, flat_answers = [], []
     for k, (p, r) in enumerate(zip(prompts(rows, system), rows)):
-        answers = [answer_line(r, i) for i in range(len(OPTION_FIELDS))] + ([targets[k]] if targets is not None else [])
+        answers = [answer_line(r, i) for i in range(n_opt)] + ([targets[k]] if targets is not None else [])
         flat_prompts += [p] * per_row
         flat_answers += answers
     sums, counts, right = shared_prefix_logprobs(model, tok, flat_prompts, flat_answers, batch_size)
     out = []
     for k, r in enumerate(rows):
         at = per_row * k
-        total = sums[at: at + 4]
-        opt = [t / max(c, 1) for t, c in zip(total, counts[at: at + 4])] if per_token else total
-        pred = max(range(4), key=opt.__getitem__)
+        total = sums[at: at + n_opt]
+        opt = [t / max(c, 1) for t, c in zip(total, counts[at: at + n_opt])] if per_token else total
+        pred = max(range(n_opt), key=opt.__getitem__)
         out.append({"pred": pred, "correct": pred == r["cop"], "scores": opt, "sum_scores": total})
         if targets is not None:
-            out[-1].update(target_logp=sums[at + 4], target_tokens=counts[at + 4], target_right=right[at + 4])
+            out[-1].update(target_logp=sums[at + n_opt], target_tokens=counts[at + n_opt], target_right=right[at + n_opt])
     return out
 
 

@@ -262,7 +262,7 @@ def hf_reference(model_dir: str | Path, questions: list[str], n_tokens: int = 16
                 new = [int(logits.argmax())]
                 ids.append(new[0])
         rows.append({"question": q, "text": text, "prompt": prompt, "ids": ids, "logits": logits_per_step})
-    return {"n_tokens": n_tokens, "rows": rows, "tokenizer": tok}
+    return {"model_dir": str(model_dir), "n_tokens": n_tokens, "rows": rows, "tokenizer": tok}
 
 
 def parity(model_dir: str | Path, gguf_path: str | Path, questions: list[str], n_tokens: int = 16,
@@ -279,16 +279,21 @@ def parity(model_dir: str | Path, gguf_path: str | Path, questions: list[str], n
     disagreement is a near-tie, and the largest logit difference is within ``LOGIT_TOL[quant]``
     spreads (``max_rel_diff``; ``max_logit_diff`` is the same in logits); for f32 the greedy tokens
     must also be identical. ``hf``: an already loaded ``(model, tokenizer)``; ``reference``:
-    :func:`hf_reference`'s result for these questions, so that transformers runs once for several
-    exports."""
+    :func:`hf_reference`'s result for this model and these questions, so that transformers runs
+    once for several exports (``hf`` is then not needed; another model, other questions or another
+    ``n_tokens`` are refused)."""
     import numpy as np
 
     quant = quant or quant_of(gguf_path)
     if reference is None:
         reference = hf_reference(model_dir, questions, n_tokens, hf)
-    elif [r["question"] for r in reference["rows"]] != list(questions) or reference["n_tokens"] != n_tokens:
-        raise ValueError(f"{gguf_path}: the transformers reference was computed for other questions or another "
-                         f"number of tokens ({reference['n_tokens']}, not {n_tokens})")
+    elif reference["model_dir"] != str(model_dir):
+        raise ValueError(f"{gguf_path}: the transformers reference is of {reference['model_dir']}, not {model_dir}")
+    elif [r["question"] for r in reference["rows"]] != list(questions):
+        raise ValueError(f"{gguf_path}: the transformers reference was computed for other questions")
+    elif reference["n_tokens"] != n_tokens:
+        raise ValueError(f"{gguf_path}: the transformers reference was computed for {reference['n_tokens']} tokens, "
+                         f"not {n_tokens}")
     tok = reference["tokenizer"]
     if llm is None:
         llm = load_llama(gguf_path, logits_all=True)

@@ -324,7 +324,9 @@ def shared_prefix_logprobs(model, tok, prompts: list[list[dict[str, str]]], comp
     length*, each with its own copy of its rows of the chunk's cache (:func:`_cache_rows`). A batch
     is padded to its longest completion, so a short chosen answer no longer runs at the width of
     a verbose rejected one beside it (03's held-out pairs: 30,282 padded completion positions for
-    11,370 real ones when each batch held whole prompt groups). A LoRA model is scored with its
+    11,370 real ones when each batch held whole prompt groups), and a batch also ends before a
+    completion more than twice as long as its first (:func:`_length_batches`: an MCQ's options and
+    its whole reference reply, scored after the same prompt in 04). A LoRA model is scored with its
     adapters folded in (``lora_merged``)."""
     import torch
 
