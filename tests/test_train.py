@@ -195,14 +195,75 @@ def test_generate_batches_by_prompt_length_and_answers_in_prompt_order(base):
         seen.append(real.tolist())
         return torch.cat([input_ids, (300 + real).unsqueeze(-1)], -1)  # "answers" with its prompt length
 
+    def fake_rows(model, input_ids, attention_mask, max_new_tokens, end_ids):
+        return [row[input_ids.shape[1]:] for row in fake_generate(input_ids, attention_mask, max_new_tokens).tolist()]
+
     model.generate = fake_generate
     prompts = [common.messages("word " * n) for n in (30, 1, 12, 2, 29, 11)]
     lengths = [len(tok(tok.apply_chat_template(p, tokenize=False, add_generation_prompt=True),
                        add_special_tokens=False)["input_ids"]) for p in prompts]
     assert len({tok.decode([300 + n]) for n in lengths}) == 6
-    out = common.generate(model, tok, prompts, max_new_tokens=1, batch_size=2)
+    with pytest.MonkeyPatch.context() as mp:  # plain greedy: the course's own loop
+        mp.setattr(common, "greedy_rows", fake_rows)
+        out = common.generate(model, tok, prompts, max_new_tokens=1, batch_size=2)
     assert [o["raw"] for o in out] == [tok.decode([300 + n]) for n in lengths]  # each its own, in order
     assert seen == [sorted(lengths)[i: i + 2] for i in range(0, 6, 2)]  # short with short, long with long
+    seen.clear()  # with generate's own options (beams), model.generate writes them, batched the same way
+    out = common.generate(model, tok, prompts, max_new_tokens=1, batch_size=2, num_beams=2)
+    assert [o["raw"] for o in out] == [tok.decode([300 + n]) for n in lengths]
+    assert seen == [sorted(lengths)[i: i + 2] for i in range(0, 6, 2)]
+
+
+def test_greedy_rows_drop_finished_rows_and_write_what_generate_writes(base):
+    """Each row leaves the batch once it has ended its turn, so a batch no longer pays for its
+    finished rows until the longest reply ends; the replies are ``model.generate``'s greedy ones."""
+    import torch
+
+    _, tok = common.load_causal_lm(str(base.path))
+    # a fresh random model: its replies differ from prompt to prompt (the trained tiny base writes
+    # the same token whatever it reads)
+    model = tiny.new_model("qwen2", tok, {"hidden_size": 64, "layers": 2, "heads": 4}, seed=1).eval()
+    torch.manual_seed(0)
+    with torch.no_grad():  # at init the output barely depends on the input: widen the weights
+        for w in model.parameters():
+            if w.dim() == 2:
+                w.normal_(0, 0.5)
+    tok.padding_side = "left"
+    prompts = [common.messages(q) for q in ("What is asthma?", "What is gout?", "How is a fever treated?",
+                                              "What does a pharmacist do?", "What is anaemia?", "Why?")]
+    texts = [tok.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
+    enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    # an "end token" that some rows write within 8 steps and others do not, so rows end at
+    # different steps (a tiny model's replies rarely end on their own)
+    free = common.greedy_rows(model, enc["input_ids"], enc["attention_mask"], 8, {-1})
+    counts = {t: sum(t in r for r in free) for r in free for t in r}
+    stop = next(t for t, c in sorted(counts.items()) if 0 < c < len(free))
+    end_ids = {stop}
+    batch_rows = []
+    hook = model.register_forward_pre_hook(lambda m, a, kw: batch_rows.append(kw["input_ids"].shape[0]), with_kwargs=True)
+    try:
+        rows = common.greedy_rows(model, enc["input_ids"], enc["attention_mask"], 8, end_ids)
+    finally:
+        hook.remove()
+    assert batch_rows[0] == len(prompts) and batch_rows[-1] < len(prompts)  # rows left the batch
+    assert all(a >= b for a, b in zip(batch_rows, batch_rows[1:]))
+    assert sum(stop in r for r in rows) == counts[stop]
+    for row in rows:
+        assert 1 <= len(row) <= 8 and all(t not in end_ids for t in row[:-1])
+        assert len(row) == 8 or row[-1] in end_ids
+    with torch.no_grad():
+        ref = model.generate(**enc, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id,
+                             eos_token_id=sorted(end_ids))[:, enc["input_ids"].shape[1]:].tolist()
+    ref = [r[: next((j + 1 for j, t in enumerate(r) if t in end_ids), len(r))] for r in ref]
+    # the same replies; a dropped row changes the batch's shape, which may tip one near-tie
+    assert sum(a == b for a, b in zip(rows, ref)) >= len(prompts) - 1, (rows, ref)
+
+
+def test_generation_settings_that_change_the_logits_go_to_generate(base):
+    model, _ = common.load_causal_lm(str(base.path))
+    assert common.plain_greedy(model)
+    model.generation_config.repetition_penalty = 1.1  # e.g. Qwen2.5-Instruct's own config
+    assert not common.plain_greedy(model)
 
 
 def test_preference_report_is_both_measures_from_two_passes(base):

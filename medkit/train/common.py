@@ -194,7 +194,10 @@ def generate(model, tok, prompts: list[list[dict[str, str]]], max_new_tokens: in
     ``num_beams``/``length_penalty``). Each result has ``text`` (special tokens removed) and
     ``stopped`` (the model ended its turn with the template's end token), in the order of
     ``prompts``; the batches group prompts of similar length, and a LoRA model generates with
-    its adapters folded in (``lora_merged``)."""
+    its adapters folded in (``lora_merged``). Plain greedy decoding (no ``generate_kwargs``, and
+    nothing in the model's generation config that changes the logits: :func:`plain_greedy`) runs
+    :func:`greedy_rows`, which drops each row from the batch once it has ended; anything else
+    goes to ``model.generate``."""
     import torch
 
     model.eval()
@@ -206,21 +209,87 @@ def generate(model, tok, prompts: list[list[dict[str, str]]], max_new_tokens: in
     lengths = [len(ids) for ids in tok(texts, add_special_tokens=False)["input_ids"]] if texts else []
     order = sorted(range(len(texts)), key=lambda k: lengths[k])
     out: list[dict[str, Any] | None] = [None] * len(texts)
+    own_loop = not generate_kwargs and plain_greedy(model)
     try:
         with lora_merged(model):
             for i in range(0, len(order), batch_size):
                 idx = order[i: i + batch_size]
                 enc = tok([texts[k] for k in idx], return_tensors="pt", padding=True,
                           add_special_tokens=False).to(model.device)
-                with torch.no_grad():
-                    gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                         pad_token_id=tok.pad_token_id, eos_token_id=list(end_ids),
-                                         **generate_kwargs)
-                for k, row in zip(idx, gen[:, enc["input_ids"].shape[1]:].tolist()):
+                if own_loop:
+                    rows = greedy_rows(model, enc["input_ids"], enc["attention_mask"], max_new_tokens, end_ids)
+                else:
+                    with torch.no_grad():
+                        gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                             pad_token_id=tok.pad_token_id, eos_token_id=list(end_ids),
+                                             **generate_kwargs)
+                    rows = gen[:, enc["input_ids"].shape[1]:].tolist()
+                for k, row in zip(idx, rows):
                     out[k] = reply_fields(tok, row, end_ids)
     finally:
         tok.padding_side = old_side
     return out  # type: ignore[return-value]
+
+
+# Generation settings with which ``generate`` adds a logits processor (or a stopping rule) to greedy
+# decoding. Where a model's generation config sets one, :func:`generate` leaves decoding to
+# ``model.generate`` (Qwen2.5-Instruct's repetition penalty on the GPU profiles, for one).
+_PROCESSOR_FIELDS = ("repetition_penalty", "no_repeat_ngram_size", "encoder_no_repeat_ngram_size", "bad_words_ids",
+                     "min_length", "min_new_tokens", "forced_bos_token_id", "forced_eos_token_id", "suppress_tokens",
+                     "begin_suppress_tokens", "sequence_bias", "exponential_decay_length_penalty",
+                     "renormalize_logits", "stop_strings", "max_time", "guidance_scale")
+
+
+def plain_greedy(model) -> bool:
+    """True when greedy decoding of this decoder is the argmax of its logits at every step:
+    nothing in its generation config changes them (:data:`_PROCESSOR_FIELDS` at their defaults)."""
+    from transformers import GenerationConfig
+
+    if getattr(model.config, "is_encoder_decoder", False):
+        return False
+    config, default = getattr(model, "generation_config", None), GenerationConfig()
+    return config is None or all(getattr(config, f, None) in (None, getattr(default, f, None))
+                                 for f in _PROCESSOR_FIELDS)
+
+
+def greedy_rows(model, input_ids, attention_mask, max_new_tokens: int, end_ids: set[int]) -> list[list[int]]:
+    """Greedy replies to a left-padded batch, each up to and including its first end token (or
+    ``max_new_tokens`` long), **dropping a row from the batch once it has ended**.
+
+    ``model.generate`` keeps every row until the longest reply ends, so a batch pays for its
+    finished rows at every later step: 05's 44 cases after reasoning SFT ran 14,080 row-steps for
+    7,095 tokens, since one reply ran to its 320-token limit. Here the finished rows leave the batch
+    and the key/value cache (``reorder_cache``): on one core those 44 replies took 63 s against
+    105 s, the same 44 texts (scratch probe, 2-core EPYC, 2026-12-07). Positions and the mask are
+    built as ``generate`` builds them from left padding."""
+    import torch
+
+    dev = input_ids.device
+    out: list[list[int]] = [[] for _ in range(input_ids.shape[0])]
+    active = torch.arange(input_ids.shape[0], device=dev)
+    attn = attention_mask
+    last = attn.sum(-1) - 1  # each row's last prompt position
+    ends = torch.tensor(sorted(end_ids), device=dev)
+    with torch.no_grad():
+        step = model(input_ids=input_ids, attention_mask=attn, position_ids=(attn.cumsum(-1) - 1).clamp(min=0),
+                     use_cache=True, logits_to_keep=1)
+        cache = step.past_key_values
+        for n in range(max_new_tokens):
+            nxt = step.logits[:, -1].argmax(-1)
+            for k, t in zip(active.tolist(), nxt.tolist()):
+                out[k].append(t)
+            going = ~torch.isin(nxt, ends)
+            if n == max_new_tokens - 1 or not bool(going.any()):
+                break
+            if not bool(going.all()):
+                keep = going.nonzero().squeeze(-1)
+                cache.reorder_cache(keep)
+                active, attn, nxt, last = active[keep], attn[keep], nxt[keep], last[keep]
+            attn = torch.cat([attn, attn.new_ones(attn.shape[0], 1)], -1)
+            last = last + 1
+            step = model(input_ids=nxt[:, None], attention_mask=attn, position_ids=last[:, None],
+                         past_key_values=cache, use_cache=True)
+    return out
 
 
 def reply_fields(tok, row: list[int], end_ids: set[int]) -> dict[str, Any]:
