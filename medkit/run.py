@@ -185,7 +185,23 @@ def failed_cell(executed: Path) -> tuple[int | None, str]:
         for out in cell.get("outputs", []):
             if out.get("output_type") == "error":
                 return code_no, f"{out.get('ename')}: {out.get('evalue')}"
+        if cell.get("metadata", {}).get("papermill", {}).get("status") == "running":
+            return code_no, "this cell was still running (killed, timed out, or the kernel died)"
     return None, "no cell recorded an error (killed, timed out, or the kernel died)"
+
+
+DEFAULT_TIMEOUT_S = 1800.0
+
+
+def notebook_timeout(profile: str, override: float | None = None) -> float:
+    """Seconds a notebook may run before the runner stops it: ``--timeout`` when given, else the
+    profile's ``notebook_timeout_s`` (a guard against a hung kernel, sized for the profile's
+    slowest notebook on its slowest machine), else 30 minutes."""
+    if override is not None:
+        if override <= 0:
+            raise ValueError(f"--timeout must be a positive number of seconds, got {override}")
+        return float(override)
+    return float(config.PROFILES.get(profile, {}).get("notebook_timeout_s", DEFAULT_TIMEOUT_S))
 
 
 def thread_control(run_dir: Path, name: str) -> Path:
@@ -279,7 +295,7 @@ def execute(nb_path: Path, run_dir: Path, params: dict[str, Any], timeout: float
         cell, exc = failed_cell(executed)
         where = f"cell {cell}" if cell else "no cell"
         if timed_out:
-            exc = f"timed out after {timeout:.0f} s; " + exc
+            exc = f"timed out after {timeout:.0f} s (`--timeout` sets the limit); " + exc
         result.error = f"{name} failed at {where}: {exc} (partial output: {executed}; log: {log})"
     return result
 
@@ -408,7 +424,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-run", action="store_true", help="with --compare: compare the latest run only")
     ap.add_argument("--rel-tol", type=float, default=0.10)
     ap.add_argument("--abs-tol", type=float, default=0.02)
-    ap.add_argument("--timeout", type=float, default=1800, help="seconds per notebook")
+    ap.add_argument("--timeout", type=float, default=None,
+                    help="seconds per notebook before it is stopped (default: the profile's `notebook_timeout_s`, "
+                         f"tiny {DEFAULT_TIMEOUT_S:.0f}, smol and the GPU profiles 7200)")
     ap.add_argument("--jobs", type=int, default=int(os.environ["MEDKIT_JOBS"]) if os.environ.get("MEDKIT_JOBS") else None,
                     help="notebooks run side by side when their upstream is done (each gets cores/jobs "
                          "threads, and the idle cores back when its partner ends; 09 always runs alone). "
@@ -482,6 +500,9 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Result] = {}
     keys: dict[str, str] = {}
     t0 = time.perf_counter()
+    if args.timeout is not None and args.timeout <= 0:
+        ap.error(f"--timeout must be a positive number of seconds, got {args.timeout:g}")
+    timeout = notebook_timeout(args.profile, args.timeout)
     jobs = max(1, args.jobs if args.jobs is not None else config.PROFILES.get(args.profile, {}).get("course_jobs", 1))
     # with several notebooks at once each gets an equal share of the cores (exclusive ones all)
     share = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None
@@ -595,7 +616,7 @@ def main(argv: list[str] | None = None) -> int:
                 if threads:
                     current[name], begun[name] = threads, time.perf_counter()
                 fresh_control(run_dir, name)
-                running[pool.submit(execute, nb_path, run_dir, params, args.timeout, args.kernel, threads)] = name
+                running[pool.submit(execute, nb_path, run_dir, params, timeout, args.kernel, threads)] = name
                 if name in EXCLUSIVE:
                     break
             if not running:

@@ -154,10 +154,27 @@ def test_compare_tolerances_unit():
 
 def test_timeout_is_reported(tmp_path):
     nbdir = tmp_path / "nbs"
-    _fixture(nbdir, "01_slow", ["import time; time.sleep(60)"], depends=[])
-    r = _run(nbdir, tmp_path / "out", "--timeout", "15", "--run-id", "t")
+    _fixture(nbdir, "01_slow", ["import time; time.sleep(120)"], depends=[])
+    r = _run(nbdir, tmp_path / "out", "--timeout", "20", "--run-id", "t")
     assert r.returncode == 1
-    assert "timed out after 15 s" in r.stdout
+    assert "timed out after 20 s" in r.stdout
+    # the cell that was running when the notebook was stopped is named (papermill marks it): the
+    # environment and parameters cells are 1 and 2, the sleep is code cell 3
+    assert "01_slow failed at cell 3: timed out" in r.stdout
+    assert "this cell was still running" in r.stdout
+
+
+def test_the_timeout_is_the_profiles_unless_given(monkeypatch):
+    """A real-model profile gets a longer guard than tiny's 30 minutes (smol's 04 on an AVX2-only
+    CPU ran past 30 minutes on one core); `--timeout` wins; a bad value is refused."""
+    assert run.notebook_timeout("tiny") == 1800
+    for profile in ("smol", "colab-t4", "gpu-24gb"):
+        assert run.notebook_timeout(profile) > run.notebook_timeout("tiny"), profile
+    assert run.notebook_timeout("smol", 60) == 60
+    monkeypatch.setitem(run.config.PROFILES["tiny"], "notebook_timeout_s", 99)
+    assert run.notebook_timeout("tiny") == 99
+    with pytest.raises(ValueError, match="positive"):
+        run.notebook_timeout("tiny", 0)
 
 
 def test_missing_artifact_names_the_notebook_to_run(out_root):
