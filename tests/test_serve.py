@@ -703,6 +703,29 @@ def test_timed_level_cuts_off_open_requests(hf_engines):
         asyncio.run(loadtest.run_level(hf_engines[1].url, "medkit", 1, n_requests=2, duration_s=1))
 
 
+def test_a_timed_window_lasts_until_a_request_has_finished(monkeypatch):
+    """An engine whose first answer takes longer than the window (vLLM prefilling 32 prompts on a
+    slow CPU) is measured until that answer, not cut off before it; a cap still ends the window."""
+    async def slow_answer(client, model, prompt, max_tokens, extra, rec):  # 4 tokens over 1.2 s
+        for _ in range(4):
+            await asyncio.sleep(0.3)
+            rec["tokens"] += 1
+            rec["ttft_s"] = rec["ttft_s"] or time.perf_counter() - rec["start"]
+        rec["latency_s"], rec["done"] = time.perf_counter() - rec["start"], True
+
+    monkeypatch.setattr(loadtest, "one_request", slow_answer)
+    row = asyncio.run(loadtest.run_level("http://127.0.0.1:9/v1", "m", concurrency=3, duration_s=0.3))
+    assert row["completed"] >= 1 and row["tokens"] >= 4
+    assert 1.1 <= row["wall_s"] < 3.0 and row["extended_s"] > 0.7  # ran on to the first answer
+    capped = asyncio.run(loadtest.run_level("http://127.0.0.1:9/v1", "m", concurrency=3, duration_s=0.3,
+                                            max_duration_s=0.6))
+    assert capped["completed"] == 0 and capped["cut_off"] == 3 and capped["wall_s"] < 2.0
+    quick = asyncio.run(loadtest.run_level("http://127.0.0.1:9/v1", "m", concurrency=2, duration_s=2.0))
+    assert quick["extended_s"] < 0.5 and quick["completed"] >= 2  # answers inside the window: no extension
+    with pytest.raises(ValueError, match="shorter than duration_s"):
+        asyncio.run(loadtest.run_level("http://127.0.0.1:9/v1", "m", 1, duration_s=2, max_duration_s=1))
+
+
 def test_pool_counts_streams_in_flight_and_balances_around_them():
     """A streamed request holds its replica until the stream is closed, so the next request goes
     to the other replica; a replica that refuses connections is skipped and tried last."""
