@@ -286,7 +286,7 @@ def _smol_profile() -> dict[str, Any]:
                         "and 07's drafts (T5, the embedder and the reranker as on tiny).")
     p["memory_budget"] = "6 GB RAM, no GPU"
     # one core per notebook: on the 2-core AVX2-only EPYC 04 ran past tiny's 30 minutes (4-bit
-    # kernels without AVX-512 are 2-3x slower; run smol-r22, 2026-12-07), on AVX-512 it takes 15
+    # kernels without AVX-512 are 2-3x slower; run smol-r22, 2026-12-07); on AVX-512 it takes 15
     p["notebook_timeout_s"] = 7200
     # `make course PROFILE=smol` runs two notebooks side by side, one core each (medkit.run --jobs):
     # one reply at a time from a 135M model uses one core no slower than two (64 greedy tokens in

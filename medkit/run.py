@@ -438,6 +438,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kernel", default=os.environ.get("MEDKIT_KERNEL", "medkit"),
                     help="Jupyter kernel (make setup registers `medkit` for .venv)")
     args = ap.parse_args(argv)
+    if args.timeout is not None and args.timeout <= 0:  # before a run folder is made or `latest` moves
+        ap.error(f"--timeout must be a positive number of seconds, got {args.timeout:g}")
 
     root = Path(args.output_root) if args.output_root else paths.output_root()
     if args.output_root:
@@ -500,8 +502,6 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Result] = {}
     keys: dict[str, str] = {}
     t0 = time.perf_counter()
-    if args.timeout is not None and args.timeout <= 0:
-        ap.error(f"--timeout must be a positive number of seconds, got {args.timeout:g}")
     timeout = notebook_timeout(args.profile, args.timeout)
     jobs = max(1, args.jobs if args.jobs is not None else config.PROFILES.get(args.profile, {}).get("course_jobs", 1))
     # with several notebooks at once each gets an equal share of the cores (exclusive ones all)

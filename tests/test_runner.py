@@ -164,7 +164,7 @@ def test_timeout_is_reported(tmp_path):
     assert "this cell was still running" in r.stdout
 
 
-def test_the_timeout_is_the_profiles_unless_given(monkeypatch):
+def test_the_timeout_is_the_profiles_unless_given(monkeypatch, tmp_path):
     """A real-model profile gets a longer guard than tiny's 30 minutes (smol's 04 on an AVX2-only
     CPU ran past 30 minutes on one core); `--timeout` wins; a bad value is refused."""
     assert run.notebook_timeout("tiny") == 1800
@@ -175,6 +175,11 @@ def test_the_timeout_is_the_profiles_unless_given(monkeypatch):
     assert run.notebook_timeout("tiny") == 99
     with pytest.raises(ValueError, match="positive"):
         run.notebook_timeout("tiny", 0)
+    # on the command line: refused before a run folder is made or `latest` moves
+    _fixture(tmp_path / "nbs", "01_ok", ["x = 1"], depends=[])
+    r = _run(tmp_path / "nbs", tmp_path / "out", "--timeout", "0")
+    assert r.returncode == 2 and "--timeout must be a positive number" in r.stderr
+    assert not (tmp_path / "out").exists()
 
 
 def test_missing_artifact_names_the_notebook_to_run(out_root):
