@@ -190,18 +190,16 @@ def failed_cell(executed: Path) -> tuple[int | None, str]:
     return None, "no cell recorded an error (killed, timed out, or the kernel died)"
 
 
-DEFAULT_TIMEOUT_S = 1800.0
-
-
 def notebook_timeout(profile: str, override: float | None = None) -> float:
     """Seconds a notebook may run before the runner stops it: ``--timeout`` when given, else the
     profile's ``notebook_timeout_s`` (a guard against a hung kernel, sized for the profile's
-    slowest notebook on its slowest machine), else 30 minutes."""
+    slowest notebook on its slowest machine), else ``tiny``'s."""
     if override is not None:
         if override <= 0:
-            raise ValueError(f"--timeout must be a positive number of seconds, got {override}")
+            raise ValueError(f"--timeout must be a positive number of seconds, got {override:g}")
         return float(override)
-    return float(config.PROFILES.get(profile, {}).get("notebook_timeout_s", DEFAULT_TIMEOUT_S))
+    limit = config.PROFILES.get(profile, {}).get("notebook_timeout_s")
+    return float(limit if limit is not None else config.PROFILES["tiny"]["notebook_timeout_s"])
 
 
 def thread_control(run_dir: Path, name: str) -> Path:
@@ -425,8 +423,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rel-tol", type=float, default=0.10)
     ap.add_argument("--abs-tol", type=float, default=0.02)
     ap.add_argument("--timeout", type=float, default=None,
-                    help="seconds per notebook before it is stopped (default: the profile's `notebook_timeout_s`, "
-                         f"tiny {DEFAULT_TIMEOUT_S:.0f}, smol and the GPU profiles 7200)")
+                    help="seconds per notebook before it is stopped (default: the profile's `notebook_timeout_s`: "
+                         + ", ".join(f"{name} {p['notebook_timeout_s']}" for name, p in config.PROFILES.items()) + ")")
     ap.add_argument("--jobs", type=int, default=int(os.environ["MEDKIT_JOBS"]) if os.environ.get("MEDKIT_JOBS") else None,
                     help="notebooks run side by side when their upstream is done (each gets cores/jobs "
                          "threads, and the idle cores back when its partner ends; 09 always runs alone). "
@@ -438,8 +436,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kernel", default=os.environ.get("MEDKIT_KERNEL", "medkit"),
                     help="Jupyter kernel (make setup registers `medkit` for .venv)")
     args = ap.parse_args(argv)
-    if args.timeout is not None and args.timeout <= 0:  # before a run folder is made or `latest` moves
-        ap.error(f"--timeout must be a positive number of seconds, got {args.timeout:g}")
+    try:  # before a run folder is made or `latest` moves
+        timeout = notebook_timeout(args.profile, args.timeout)
+    except ValueError as e:
+        ap.error(str(e))
 
     root = Path(args.output_root) if args.output_root else paths.output_root()
     if args.output_root:
@@ -502,7 +502,6 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Result] = {}
     keys: dict[str, str] = {}
     t0 = time.perf_counter()
-    timeout = notebook_timeout(args.profile, args.timeout)
     jobs = max(1, args.jobs if args.jobs is not None else config.PROFILES.get(args.profile, {}).get("course_jobs", 1))
     # with several notebooks at once each gets an equal share of the cores (exclusive ones all)
     share = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None
