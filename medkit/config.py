@@ -29,6 +29,10 @@ PROFILES: dict[str, dict[str, Any]] = {
         # medkit.run stops a notebook that runs longer than this (a hung kernel, a stuck server);
         # `--timeout` overrides it. Each of tiny's notebooks takes a few minutes at most.
         "notebook_timeout_s": 1800,
+        # medkit.run --jobs starts these first whenever their upstream is done (`--first` overrides).
+        # 06 is tiny's longest notebook after 01 and only 07 waits for it: started after 02-05 it
+        # ran with nothing beside it for its last ~250 s (`course_run`, 2026-12-07)
+        "course_first": ["06_rag"],
         "tiny": {  # the tiny base models built by medkit.tiny (all architectures share these)
             "vocab_size": 4096,
             "hidden_size": 128,      # small for a 2-core CPU
@@ -296,6 +300,8 @@ def _smol_profile() -> dict[str, Any]:
     # starts with nothing else able to run gets both cores. Each notebook's cap is recorded
     # (`threads` in summary.json): run smol-r12, 72 min against 85 one at a time (smol-r10).
     p["course_jobs"] = 2
+    # course order: 06 and 07 wait for 03's DPO model here, and smol-r21's 47 minutes were measured so
+    p["course_first"] = []
     st = p["stages"]
     # 08 scores every model in bf16 where the CPU multiplies it in hardware (config.cpu_has_native_bf16;
     # fp32 elsewhere): SmolLM2's prompt forward 1,015 -> 4,119 tokens/s on the 2-core Xeon (AMX),

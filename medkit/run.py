@@ -78,11 +78,13 @@ def discover(notebooks_dir: Path) -> list[Path]:
     return sorted(p for p in Path(notebooks_dir).glob("[0-9][0-9]_*.ipynb"))
 
 
-def select(notebooks: list[Path], only: str | None = None, start: str | None = None) -> list[Path]:
-    def matches(p: Path, token: str) -> bool:
-        token = token.strip()
-        return p.stem == token or p.stem.split("_")[0] == token.zfill(2)
+def matches(p: Path, token: str) -> bool:
+    """``token`` names notebook ``p``: its whole name ("06_rag") or its number ("06", "6")."""
+    token = token.strip()
+    return p.stem == token or p.stem.split("_")[0] == token.zfill(2)
 
+
+def select(notebooks: list[Path], only: str | None = None, start: str | None = None) -> list[Path]:
     chosen = notebooks
     if start:
         idx = next((i for i, p in enumerate(notebooks) if matches(p, start)), None)
@@ -99,6 +101,20 @@ def select(notebooks: list[Path], only: str | None = None, start: str | None = N
 
 
 _STAGE_CALL = re.compile(r"""session\.stage\(\s*["']([A-Za-z0-9_]+)["']""")
+
+
+def start_first(profile: str, given: str | None = None) -> list[str]:
+    """The notebooks that start ahead of course order when ready: ``--first`` (a comma list of
+    names or numbers, "06" or "06_rag") or the profile's ``course_first``."""
+    names = given.split(",") if given else config.PROFILES.get(profile, {}).get("course_first", [])
+    return [n.strip() for n in names if n.strip()]
+
+
+def check_first(notebooks: list[Path], first: list[str]) -> None:
+    """Every name in ``first`` is one of ``notebooks`` (a typo would silently change nothing)."""
+    unknown = [t for t in first if not any(matches(p, t) for p in notebooks)]
+    if unknown:
+        raise SystemExit(f"--first: unknown notebook(s) {unknown}; have {[p.stem for p in notebooks]}")
 
 
 def depends_of(nb_path: Path, profile: str | None = None) -> list[str]:
@@ -430,6 +446,10 @@ def main(argv: list[str] | None = None) -> int:
                          "threads, and the idle cores back when its partner ends; 09 always runs alone). "
                          "Timings are then measured under load. Default: $MEDKIT_JOBS, else the profile's "
                          "`course_jobs` (smol: 2), else 1")
+    ap.add_argument("--first", default=None,
+                    help="comma list of notebooks to start before the others whenever their upstream is "
+                         "done (with --jobs: a long notebook that others do not wait for). Default: the "
+                         "profile's `course_first` (tiny: 06_rag), else course order")
     ap.add_argument("--notebooks-dir", default=str(paths.repo_root() / "notebooks"))
     ap.add_argument("--output-root", default=None, help="default: $MEDKIT_OUTPUT_DIR or outputs/")
     ap.add_argument("--run-id", default=None)
@@ -470,6 +490,8 @@ def main(argv: list[str] | None = None) -> int:
         return 3 if moved else 0
 
     chosen = select(notebooks, args.only, args.start)
+    if args.first:
+        check_first(notebooks, start_first(args.profile, args.first))
     if not chosen:
         print(f"no notebooks to run in {args.notebooks_dir}")
         return 0
@@ -569,7 +591,10 @@ def main(argv: list[str] | None = None) -> int:
     from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
     chosen_names = {p.stem for p in chosen}
-    pending = list(chosen)
+    first = start_first(args.profile, args.first)
+    # course order, except that the profile's (or --first's) notebooks go to the front of the queue:
+    # they start as soon as their upstream is done, before the others that are ready then
+    pending = sorted(chosen, key=lambda p: not any(matches(p, t) for t in first))
     running: dict[Any, str] = {}
     cores = os.cpu_count() or 1
     current: dict[str, int] = {}  # running notebooks that started capped: their threads now

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from medkit import nbtools, run
+from medkit import nbtools, paths, run
 
 pytestmark = pytest.mark.slow
 
@@ -223,6 +223,32 @@ def test_jobs_run_independent_notebooks_side_by_side_and_keep_dependencies(tmp_p
     out = root / "runs" / "j"
     assert (out / "01_a.threads").read_text() == os.environ.get("OMP_NUM_THREADS", "unset")
     assert (out / "02_b.threads").read_text() == str(max(1, (os.cpu_count() or 1) // 2))
+
+
+def test_first_starts_a_ready_notebook_ahead_of_course_order(tmp_path):
+    """--first 03: once 01 is done, 02 and 03 are both ready and 03 starts first; the summary keeps
+    course order; an unknown name is refused before anything runs."""
+    nbdir = tmp_path / "nbs"
+    log = "import pathlib\nwith open(pathlib.Path(output_dir, 'order.txt'), 'a') as f:\n    f.write(NAME + '\\n')"
+    _fixture(nbdir, "01_a", [log], depends=[])
+    _fixture(nbdir, "02_b", [log], depends=["01_a"])
+    _fixture(nbdir, "03_c", [log], depends=["01_a"])
+    root = tmp_path / "out"
+    r = _run(nbdir, root, "--jobs", "1", "--first", "03", "--run-id", "f")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert (root / "runs" / "f" / "order.txt").read_text().split() == ["01_a", "03_c", "02_b"]
+    summary = json.loads((root / "runs" / "f" / "summary.json").read_text())
+    assert [nb["name"] for nb in summary["notebooks"]] == ["01_a", "02_b", "03_c"]
+    bad = _run(nbdir, root, "--first", "07_nope", "--run-id", "g")
+    assert bad.returncode != 0 and "--first: unknown notebook(s) ['07_nope']" in bad.stderr
+    assert not (root / "runs" / "g").exists()
+
+
+def test_the_tiny_profile_starts_06_first_and_smol_keeps_course_order():
+    assert run.start_first("tiny") == ["06_rag"] and run.start_first("smol") == []
+    assert run.start_first("tiny", "02, 05_r1_cot_unsloth") == ["02", "05_r1_cot_unsloth"]
+    notebooks = sorted((paths.repo_root() / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+    run.check_first(notebooks, run.start_first("tiny"))  # the profile names a real notebook
 
 
 @pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="giving a core back needs two")
