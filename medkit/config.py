@@ -30,8 +30,9 @@ PROFILES: dict[str, dict[str, Any]] = {
         # `--timeout` overrides it. Each of tiny's notebooks takes a few minutes at most.
         "notebook_timeout_s": 1800,
         # medkit.run --jobs starts these first whenever their upstream is done (`--first` overrides).
-        # 06 is tiny's longest notebook after 01 and only 07 waits for it: started after 02-05 it
-        # ran with nothing beside it for its last ~250 s (`course_run`, 2026-12-07)
+        # 06 is tiny's longest notebook after 01 and only 07 waits for it: in course order it ran
+        # with nothing beside it for its last 251 s and the course took 1,305 s; started first,
+        # 1,240 s (--jobs 2, 2-core AVX2-only EPYC, 2026-12-07; docs/notes, nineteenth session)
         "course_first": ["06_rag"],
         "tiny": {  # the tiny base models built by medkit.tiny (all architectures share these)
             "vocab_size": 4096,
