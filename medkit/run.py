@@ -105,8 +105,9 @@ _STAGE_CALL = re.compile(r"""session\.stage\(\s*["']([A-Za-z0-9_]+)["']""")
 
 def start_first(profile: str, given: str | None = None) -> list[str]:
     """The notebooks that start ahead of course order when ready: ``--first`` (a comma list of
-    names or numbers, "06" or "06_rag") or the profile's ``course_first``."""
-    names = given.split(",") if given else config.PROFILES.get(profile, {}).get("course_first", [])
+    names or numbers, "06" or "06_rag"; an empty one keeps course order) or the profile's
+    ``course_first``."""
+    names = given.split(",") if given is not None else config.PROFILES.get(profile, {}).get("course_first", [])
     return [n.strip() for n in names if n.strip()]
 
 
@@ -449,7 +450,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--first", default=None,
                     help="comma list of notebooks to start before the others whenever their upstream is "
                          "done (with --jobs: a long notebook that others do not wait for). Default: the "
-                         "profile's `course_first` (tiny: 06_rag), else course order")
+                         "profile's `course_first` (tiny: 06_rag), else course order; --first '' keeps "
+                         "course order")
     ap.add_argument("--notebooks-dir", default=str(paths.repo_root() / "notebooks"))
     ap.add_argument("--output-root", default=None, help="default: $MEDKIT_OUTPUT_DIR or outputs/")
     ap.add_argument("--run-id", default=None)

@@ -247,6 +247,7 @@ def test_first_starts_a_ready_notebook_ahead_of_course_order(tmp_path):
 def test_the_tiny_profile_starts_06_first_and_smol_keeps_course_order():
     assert run.start_first("tiny") == ["06_rag"] and run.start_first("smol") == []
     assert run.start_first("tiny", "02, 05_r1_cot_unsloth") == ["02", "05_r1_cot_unsloth"]
+    assert run.start_first("tiny", "") == []  # --first '': course order
     notebooks = sorted((paths.repo_root() / "notebooks").glob("[0-9][0-9]_*.ipynb"))
     run.check_first(notebooks, run.start_first("tiny"))  # the profile names a real notebook
 
