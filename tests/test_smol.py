@@ -198,11 +198,11 @@ def test_a_few_lora_sft_steps_lower_the_answer_loss(converted, kbase, tmp_path):
     qa = generate.qa_pairs(kbase)[:16]
     prompts = [common.messages(r["question"]) for r in qa]
     before = common.completion_scores(model, tok, prompts, [r["answer"] for r in qa], batch_size=8)["loss"]
-    # grad_accum=1: the profile accumulates 8 rows a step (60 steps in 02); here a step is 4 rows
+    # grad_accum=1: the profile accumulates 8 micro-batches a step (02's 60 steps); here a step is 4 rows
     cfg = config.resolve("smol", "sft", max_steps=4, batch_size=4, grad_accum=1, seq_len=128, lr=2e-3)
     trainer = sft.make_trainer(model, tok, qa, qa[:4], cfg, tmp_path, eval_strategy="no", save_strategy="no",
                                logging_steps=1)
-    # the step this test means: with the profile's 8 accumulated rows the test ran 8x longer
+    # the step this test means: with the profile's accumulation each step was 8 micro-batches of 4 rows
     assert trainer.args.gradient_accumulation_steps == 1 and trainer.args.per_device_train_batch_size == 4
     t0 = time.perf_counter()
     trainer.train()
