@@ -92,12 +92,22 @@ def select(notebooks: list[Path], only: str | None = None, start: str | None = N
             raise SystemExit(f"--from {start}: no such notebook in {[p.stem for p in notebooks]}")
         chosen = notebooks[idx:]
     if only:
-        tokens = [t for t in only.split(",") if t.strip()]
-        unknown = [t for t in tokens if not any(matches(p, t) for p in notebooks)]
-        if unknown:
-            raise SystemExit(f"--only: unknown notebook(s) {unknown}; have {[p.stem for p in notebooks]}")
+        tokens = names_in(only)
+        check_names(notebooks, tokens, "--only")
         chosen = [p for p in chosen if any(matches(p, t) for t in tokens)]
     return chosen
+
+
+def names_in(text: str) -> list[str]:
+    """The notebook names or numbers of a comma list (``--only``, ``--first``), empty ones dropped."""
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def check_names(notebooks: list[Path], tokens: list[str], option: str) -> None:
+    """Every token names one of ``notebooks`` (a typo would silently select or change nothing)."""
+    unknown = [t for t in tokens if not any(matches(p, t) for p in notebooks)]
+    if unknown:
+        raise SystemExit(f"{option}: unknown notebook(s) {unknown}; have {[p.stem for p in notebooks]}")
 
 
 _STAGE_CALL = re.compile(r"""session\.stage\(\s*["']([A-Za-z0-9_]+)["']""")
@@ -107,15 +117,7 @@ def start_first(profile: str, given: str | None = None) -> list[str]:
     """The notebooks that start ahead of course order when ready: ``--first`` (a comma list of
     names or numbers, "06" or "06_rag"; an empty one keeps course order) or the profile's
     ``course_first``."""
-    names = given.split(",") if given is not None else config.PROFILES.get(profile, {}).get("course_first", [])
-    return [n.strip() for n in names if n.strip()]
-
-
-def check_first(notebooks: list[Path], first: list[str]) -> None:
-    """Every name in ``first`` is one of ``notebooks`` (a typo would silently change nothing)."""
-    unknown = [t for t in first if not any(matches(p, t) for p in notebooks)]
-    if unknown:
-        raise SystemExit(f"--first: unknown notebook(s) {unknown}; have {[p.stem for p in notebooks]}")
+    return names_in(given) if given is not None else list(config.PROFILES.get(profile, {}).get("course_first", []))
 
 
 def depends_of(nb_path: Path, profile: str | None = None) -> list[str]:
@@ -492,8 +494,9 @@ def main(argv: list[str] | None = None) -> int:
         return 3 if moved else 0
 
     chosen = select(notebooks, args.only, args.start)
-    if args.first:
-        check_first(notebooks, start_first(args.profile, args.first))
+    first = start_first(args.profile, args.first)
+    if args.first:  # the profile's own list may name notebooks another --notebooks-dir lacks
+        check_names(notebooks, first, "--first")
     if not chosen:
         print(f"no notebooks to run in {args.notebooks_dir}")
         return 0
@@ -593,7 +596,6 @@ def main(argv: list[str] | None = None) -> int:
     from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
     chosen_names = {p.stem for p in chosen}
-    first = start_first(args.profile, args.first)
     # course order, except that the profile's (or --first's) notebooks go to the front of the queue:
     # they start as soon as their upstream is done, before the others that are ready then
     pending = sorted(chosen, key=lambda p: not any(matches(p, t) for t in first))

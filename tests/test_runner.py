@@ -249,7 +249,7 @@ def test_the_tiny_profile_starts_06_first_and_smol_keeps_course_order():
     assert run.start_first("tiny", "02, 05_r1_cot_unsloth") == ["02", "05_r1_cot_unsloth"]
     assert run.start_first("tiny", "") == []  # --first '': course order
     notebooks = sorted((paths.repo_root() / "notebooks").glob("[0-9][0-9]_*.ipynb"))
-    run.check_first(notebooks, run.start_first("tiny"))  # the profile names a real notebook
+    run.check_names(notebooks, run.start_first("tiny"), "--first")  # the profile names a real notebook
 
 
 @pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="giving a core back needs two")
