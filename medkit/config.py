@@ -20,6 +20,9 @@ DEFAULT_PROFILE = "tiny"
 _LORA_QKVO = ["q_proj", "k_proj", "v_proj", "o_proj"]
 _LLAMA_ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
+# the GPU profiles' last line of a fine-tuned model's card (each profile has its own `model_card_note`)
+_GPU_CARD_NOTE = "A course fine-tune for teaching, measured only on the held-out sets above: not validated for clinical use."
+
 PROFILES: dict[str, dict[str, Any]] = {
     "tiny": {
         "description": "CPU, no downloads, minutes. Tiny models built and pre-trained here: they "
@@ -149,8 +152,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "description": "Colab T4: 15 GB GPU memory, no bf16 (fp16), 12 GB RAM.",
         "device": "cuda",
         "memory_budget": "15 GB GPU, 12 GB RAM",
-        "model_card_note": "A course fine-tune for teaching, measured only on the held-out sets above: "
-                           "not validated for clinical use.",
+        "model_card_note": _GPU_CARD_NOTE,
         "notebook_timeout_s": 7200,  # real models on real data: training notebooks run for an hour or more
         # medkit.memplan checks every GPU step against this (GiB), and the rehearsal caps the
         # GPU's memory at it, so a T4's out-of-memory shows on a bigger card
@@ -216,8 +218,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "description": "One 24 GB+ GPU (L4, A10, RTX 3090/4090, A100): bf16 where supported.",
         "device": "cuda",
         "memory_budget": "24 GB GPU, 32 GB RAM",
-        "model_card_note": "A course fine-tune for teaching, measured only on the held-out sets above: "
-                           "not validated for clinical use.",
+        "model_card_note": _GPU_CARD_NOTE,
         "notebook_timeout_s": 7200,
         "gpu_budget_gib": 24, "gpu_dtype": "bfloat16",
         "stages": {

@@ -18,6 +18,8 @@ _FORBIDDEN = [
     (re.compile(r"\binput\s*\("), "`input()` waits for a person"),
     (re.compile(r"notebook_login\s*\(|huggingface_hub\.login\s*\(|\blogin\s*\(\s*\)"), "a login call"),
     (re.compile(r"sys\.path\.(append|insert)"), "`sys.path` edits (install the package instead)"),
+    (re.compile(r"\bprofile\s*(==|!=)|(==|!=)\s*profile\b|\bprofile\s+(not\s+)?in\s*[\[(]"),
+     "a branch on the profile's name (a profile changes configuration: put the difference in medkit.config)"),
 ]
 
 

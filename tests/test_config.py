@@ -164,16 +164,3 @@ def test_the_chat_runtime_is_a_profile_setting():
     assert all(got[name] == ("transformers", "transformers") for name in ("tiny", "colab-t4", "gpu-24gb"))
     assert all(r in RUNTIMES for pair in got.values() for r in pair)
 
-
-def test_no_notebook_branches_on_the_profile_name():
-    """A profile changes configuration, never the code a notebook runs: the model cards' notes came
-    from `if profile == "tiny"` in 02, 04 and 05 until they became the `model_card_note` setting."""
-    import re
-    from pathlib import Path
-    branch = re.compile(r"""\bprofile\s*(==|!=)|(==|!=)\s*profile\b|\bprofile\s+(not\s+)?in\s*[\[(]""")
-    found = []
-    for nb in sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("[0-9][0-9]_*.ipynb")):
-        for i, cell in enumerate(json.loads(nb.read_text())["cells"]):
-            if cell["cell_type"] == "code" and branch.search("".join(cell["source"])):
-                found.append(f"{nb.name} cell {i}")
-    assert not found, f"notebook code compares the profile's name: {found}"

@@ -28,7 +28,8 @@ def test_the_template_follows_the_conventions(tmp_path):
 
 def test_checker_catches_outputs_and_a_missing_parameters_cell(tmp_path):
     path = nbtools.build([("md", "# T\n\nlearn\n\n| a |\n|---|"), ("code", nbtools.ENV_CELL),
-                          ("code", "profile='tiny'"), ("code", "x = input('?')\nrecord(1)"), ("md", "next")],
+                          ("code", "profile='tiny'"), ("code", "x = input('?')\nnote = 'a' if profile == 'tiny' else ''\nrecord(1)"),
+                          ("md", "next")],
                          tmp_path / "t.ipynb")
     nb = json.loads(path.read_text())
     nb["cells"][1]["outputs"] = [{"output_type": "stream", "name": "stdout", "text": "hi"}]
@@ -37,6 +38,8 @@ def test_checker_catches_outputs_and_a_missing_parameters_cell(tmp_path):
     problems = "\n".join(nbtools.check(path))
     assert "has outputs" in problems and "execution count" in problems
     assert "tagged `parameters`" in problems and "input()" in problems
+    # 02, 04 and 05 chose their model cards' last line this way until it became `model_card_note`
+    assert "a branch on the profile's name" in problems
     assert nbtools.strip(path) and "has outputs" not in "\n".join(nbtools.check(path))
 
 
