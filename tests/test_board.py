@@ -37,6 +37,20 @@ def test_pubmedqa_retrieved_replaces_each_context_with_what_the_retriever_found(
     assert rows[0]["retrieved"] == ["3"] and info["hit_at_1"] == 0.0
 
 
+def test_pubmedqa_retrieved_counts_the_prompts_that_read_as_the_own_abstract():
+    """Within the prompt's word cut, a retrieved context that starts with the item's own abstract
+    and fills the cut is the gold prompt word for word; one that adds another abstract inside the
+    cut, or misses, is not."""
+    def same(rows, k, words):
+        return board.pubmedqa_retrieved(rows, POOL, BagEncoder(), k=k, log=lambda *a: None, context_words=words)[1]["same_prompt"]
+    assert same(POOL[:2], 1, 100) == 2  # the own abstract alone
+    assert same(POOL[:2], 2, 100) == 0  # a second abstract inside the 100 words
+    assert same(POOL[:2], 2, 5) == 2  # the own abstract fills the first 5 words
+    miss = [dict(POOL[0], question="Regular exercise and systolic blood pressure in adults")]
+    assert same(miss, 2, 5) == 0
+    assert "same_prompt" not in board.pubmedqa_retrieved(POOL[:2], POOL, BagEncoder(), k=1, log=lambda *a: None)[1]
+
+
 def test_pubmedqa_retrieved_names_items_missing_from_the_pool():
     with pytest.raises(ValueError, match="not in the retrieval pool"):
         board.pubmedqa_retrieved([dict(POOL[0], id="99")], POOL[1:], BagEncoder(), log=lambda *a: None)

@@ -175,6 +175,12 @@ class Scorer:
     kind: str  # causal | seq2seq
     reasoning: bool = False  # R1 template: the generation prompt opens <think>
     notes: list[str] = field(default_factory=list)
+    # (system, user, completion) -> (sum, count, right): a text this model already scored is not
+    # run again. 08 scores PubMedQA with each item's own abstract and with the retrieved ones;
+    # where the own abstract came first and fills the context's words, the two prompts are the
+    # same text. The model must not change while its Scorer lives.
+    scored: dict = field(default_factory=dict, repr=False)
+    reused: int = 0  # completions answered from ``scored``
 
     def _prompt(self, user: str, system: str):
         from ..train.common import messages
@@ -188,7 +194,18 @@ class Scorer:
 
     def loglik_detail(self, users: list[str], completions: list[str], system: str, batch_size: int = 32):
         """``(sums, counts, right)`` per completion: summed log-probability, scored tokens, and
-        tokens where the model's top guess was the reference (for token accuracy)."""
+        tokens where the model's top guess was the reference (for token accuracy). Each distinct
+        (prompt, completion) is run once per Scorer (``scored``)."""
+        keys = [(system, u, c) for u, c in zip(users, completions)]
+        todo = list(dict.fromkeys(k for k in keys if k not in self.scored))
+        self.reused += len(keys) - len(todo)
+        if todo:
+            new = zip(*self._run_loglik([u for _, u, _ in todo], [c for _, _, c in todo], system, batch_size))
+            self.scored.update(zip(todo, new))
+        rows = [self.scored[k] for k in keys]
+        return [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows]
+
+    def _run_loglik(self, users, completions, system, batch_size):
         if self.kind == "causal":
             return self._causal_loglik(users, completions, system, batch_size)
         import torch

@@ -94,12 +94,14 @@ def course_retrieval(passages: list[dict[str, Any]], rag_index: Path, index_dir:
 
 
 def pubmedqa_retrieved(rows: list[dict[str, Any]], pool: list[dict[str, Any]], encoder, k: int = 2,
-                       log=print) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+                       log=print, context_words: int | None = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """PubMedQA as RAG: each question's context becomes the top ``k`` abstracts that 06's hybrid
     retriever (BM25 + dense, the course's default fusion) finds among every abstract of ``pool``
     (the whole PQA-L file), instead of the item's own abstract. Returns the rows with
     ``contexts`` replaced, and ``hit_at_1`` / ``hit_at_k``: how often the item's own abstract
-    came first / in the top ``k``."""
+    came first / in the top ``k``. With ``context_words`` (the prompt's cut), ``same_prompt``
+    counts the items whose retrieved context reads, within that cut, exactly as the own abstract
+    does: the own abstract came first and filled the words, so both prompts are one text."""
     from ..rag import dense, evaluate as rag_eval
 
     docs = list({r["id"]: {"id": r["id"], "text": " ".join(r["contexts"])} for r in pool}.values())
@@ -115,7 +117,11 @@ def pubmedqa_retrieved(rows: list[dict[str, Any]], pool: list[dict[str, Any]], e
         topk += r["id"] in ids
         out.append(dict(r, contexts=[texts[h] for h in ids], retrieved=ids))
     n = max(len(rows), 1)
-    return out, {"pool": len(docs), "k": k, "hit_at_1": first / n, "hit_at_k": topk / n, "build": info}
+    info = {"pool": len(docs), "k": k, "hit_at_1": first / n, "hit_at_k": topk / n, "build": info}
+    if context_words is not None:
+        info["same_prompt"] = sum(bench.pubmedqa_prompt(a, True, context_words) == bench.pubmedqa_prompt(b, True, context_words)
+                                  for a, b in zip(rows, out))
+    return out, info
 
 
 # ---------------------------------------------------------------- scoring
