@@ -222,23 +222,26 @@ def test_a_completion_batch_ends_where_the_length_more_than_doubles(qwen):
 def test_a_scorer_runs_each_prompt_and_completion_once(qwen):
     """08 scores PubMedQA with the own abstract and then with the retrieved ones, often the same
     prompt: a (prompt, completion) the Scorer already holds is not run again, and comes back with
-    the numbers it had; a new one beside it is run."""
+    the numbers it had, in the caller's order; a new one beside it is run; a pair repeated
+    within one call runs once."""
     s = bench.load_scorer(qwen.path, "qwen")
     users = ["Context: aspirin\n\nQuestion: does it help?"] * 3 + ["Question: is it safe?"] * 3
     comps = [f"Answer: {lab}" for lab in bench.PUBMEDQA_LABELS] * 2
     with _passes(s.model) as (prompt_passes, _):
-        first = s.loglik_detail(users, comps, bench.PUBMEDQA_SYSTEM, batch_size=12)
-    assert sum(n for n, _ in prompt_passes) == 2 and s.reused == 0
-    changed = ["Context: ibuprofen\n\nQuestion: does it help?"] * 3 + users[3:]
+        first = s.loglik_detail(users + users[:1], comps + comps[:1], bench.PUBMEDQA_SYSTEM, batch_size=12)
+    assert sum(n for n, _ in prompt_passes) == 2 and s.reused == 1  # the repeated pair ran once
+    assert [x[6] for x in first] == [x[0] for x in first]
+    # known pairs first, the new context in the middle, a known pair again at the end
+    changed = users[3:] + ["Context: ibuprofen\n\nQuestion: does it help?"] * 3 + users[4:5]
     with _passes(s.model) as (prompt_passes, _):
-        again = s.loglik_detail(changed, comps, bench.PUBMEDQA_SYSTEM, batch_size=12)
-    assert sum(n for n, _ in prompt_passes) == 1 and s.reused == 3  # the new prompt only
-    assert [x[3:] for x in again] == [x[3:] for x in first]
-    assert again[0][:3] != first[0][:3]  # the other context scores differently
+        again = s.loglik_detail(changed, comps[3:] + comps[:3] + comps[4:5], bench.PUBMEDQA_SYSTEM, batch_size=12)
+    assert sum(n for n, _ in prompt_passes) == 1 and s.reused == 5  # the new prompt only
+    assert [x[:3] for x in again] == [x[3:6] for x in first] and [x[6] for x in again] == [x[4] for x in first]
+    assert again[0][3:6] != first[0][:3]  # the other context scores differently
     with _passes(s.model) as (prompt_passes, _):
         other_system = s.loglik_detail(users, comps, mcq.MCQ_SYSTEM, batch_size=12)
     assert sum(n for n, _ in prompt_passes) == 2  # another system prompt is another prompt
-    assert other_system[0] != first[0]
+    assert other_system[0] != first[0][:6]
 
 
 def test_seq2seq_loglik_matches_the_model_loss(t5):
