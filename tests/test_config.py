@@ -163,4 +163,3 @@ def test_the_chat_runtime_is_a_profile_setting():
     assert got["smol"] == ("llama.cpp", "llama.cpp")
     assert all(got[name] == ("transformers", "transformers") for name in ("tiny", "colab-t4", "gpu-24gb"))
     assert all(r in RUNTIMES for pair in got.values() for r in pair)
-
