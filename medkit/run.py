@@ -401,13 +401,20 @@ def machine_facts(cpuinfo: str | Path = "/proc/cpuinfo") -> dict[str, Any]:
 
 
 def _update_latest(run_dir: Path) -> None:
+    """Point ``<root>/latest`` at ``run_dir``. The new link (or, where the filesystem has no
+    symlinks, a file holding the path) is made under a name of its own and renamed over the old
+    one, so two runs that start at once under one root never see it missing."""
     latest = run_dir.parent.parent / "latest"
+    tmp = latest.with_name(f".latest.{os.getpid()}.{threading.get_ident()}")
     try:
-        if latest.is_symlink() or latest.exists():
-            latest.unlink()
-        latest.symlink_to(run_dir.relative_to(latest.parent), target_is_directory=True)
-    except OSError:  # filesystems without symlinks: write the path instead
-        latest.write_text(str(run_dir) + "\n")
+        tmp.unlink(missing_ok=True)
+        try:
+            tmp.symlink_to(run_dir.relative_to(latest.parent), target_is_directory=True)
+        except OSError:  # filesystems without symlinks: write the path instead
+            tmp.write_text(str(run_dir) + "\n")
+        os.replace(tmp, latest)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def latest_run(root: Path) -> Path | None:

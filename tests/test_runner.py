@@ -311,3 +311,36 @@ def test_more_cores_for_a_notebook_that_has_not_started_yet_are_kept_for_it(tmp_
     # an earlier attempt's files are stale before a new attempt starts
     run.fresh_control(run_dir, "05_y")
     assert not late.exists()
+
+
+def test_two_runs_starting_at_once_never_leave_latest_missing(tmp_path):
+    """Two invocations under one output root each point ``latest`` at their run when they start
+    (two smol probes at once did: one died on a missing link). The link is replaced by a rename,
+    so a reader always finds one of the runs and no temporary name is left behind."""
+    import threading
+
+    runs = [tmp_path / "runs" / name for name in ("a", "b")]
+    for d in runs:
+        d.mkdir(parents=True)
+    run._update_latest(runs[0])
+    errors: list[str] = []
+
+    def move_and_read(d):
+        for _ in range(400):
+            try:
+                run._update_latest(d)
+                got = run.latest_run(tmp_path)
+            except OSError as e:
+                errors.append(repr(e))
+                continue
+            if got is None or got not in [r.resolve() for r in runs]:
+                errors.append(f"latest read as {got}")
+
+    threads = [threading.Thread(target=move_and_read, args=(d,)) for d in runs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[:3]
+    assert run.latest_run(tmp_path) in [r.resolve() for r in runs]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "runs"]
