@@ -344,3 +344,32 @@ def test_two_runs_starting_at_once_never_leave_latest_missing(tmp_path):
     assert not errors, errors[:3]
     assert run.latest_run(tmp_path) in [r.resolve() for r in runs]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "runs"]
+
+
+def _schedule_model():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("course_schedule", paths.repo_root() / "scripts" / "course_schedule.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_the_schedule_model_replays_the_runners_rules():
+    """scripts/course_schedule.py (the what-if behind the smol note's estimates): two notebooks side
+    by side share the cores, one alone runs `speedup` times faster, a notebook waits for what it
+    depends on, and an exclusive one waits until nothing else runs and holds the machine."""
+    m = _schedule_model()
+    wall, ends = m.simulate({"a": 100, "b": 100}, {}, ["a", "b"], jobs=2, speedup=2.0, exclusive=frozenset())
+    assert wall == 100 and ends == {"a": 100, "b": 100}
+    # b needs a: a runs alone at twice its one-thread speed, then b alone
+    wall, ends = m.simulate({"a": 100, "b": 100}, {"b": ["a"]}, ["a", "b"], speedup=2.0, exclusive=frozenset())
+    assert ends == {"a": 50, "b": 100}
+    # c is free to start at once but exclusive: it waits for a and b, and nothing starts beside it
+    wall, ends = m.simulate({"a": 100, "b": 60, "c": 40, "d": 10}, {}, ["a", "b", "c", "d"], speedup=2.0,
+                            exclusive=frozenset({"c"}))
+    assert ends["b"] == 60 and ends["a"] == 80 and ends["c"] == 100 and ends["d"] == 105
+    # one-thread seconds: every core from the start, or the second core from 100 s on
+    assert m.one_thread_seconds({"seconds": 50}, 1.7) == 85
+    assert m.one_thread_seconds({"seconds": 300, "threads": 1, "threads_later": [[100, 2]]}, 1.5) == 400
+    assert m.one_thread_seconds({"seconds": 300, "threads": 1}, 1.5) == 300
