@@ -327,9 +327,9 @@ def _smol_profile() -> dict[str, Any]:
     # (loop rate 0.10 -> 0.31, template 0.67; run smol-cite), so 02's own targets fail: 2,400 stays
     # until a share or step count gives both. They are about three quarters of 02's training tokens
     # (~390 tokens against ~76 for a plain row; the 60 steps read 185 of them, the length-grouping
-    # sampler giving the second mega-batch's longest rows first). 1,200 and 600 trained 13% and 27%
-    # faster, and the DPO model cited more, but its evidence answers shrank to a label ("Aortic
-    # stenosis [E2]."; smol note, "Twenty-second session"), so 2,400 stays
+    # sampler giving the second mega-batch's longest rows first). 1,200 and 600 took 13% and 27%
+    # less training time, and the DPO model cited more, but most of its evidence answers shrank to
+    # a name ("Aortic stenosis [E2]."; smol note, "Twenty-second session"), so 2,400 stays
     # No abstention rows: with a fifth of them, the 60-step model answered "Not enough evidence" to
     # 10 of 10 answerable held-out evidence prompts (run smol-final); 06 abstains on its calibrated
     # retrieval score instead.

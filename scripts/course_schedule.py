@@ -23,15 +23,16 @@ from medkit import paths, run
 
 def one_thread_seconds(nb: dict, speedup: float) -> float:
     """A notebook's seconds as if it had one thread throughout: the seconds it ran with every core
-    (``threads`` absent) or after the runner gave it the second core count ``speedup`` times."""
+    (``threads`` absent) or with more than one thread (``threads_later``: [[seconds after its
+    start, threads], ...], the runner's changes) count ``speedup`` times."""
     secs = float(nb["seconds"])
     if not nb.get("threads"):
         return secs * speedup
-    later = nb.get("threads_later") or []
-    if later and later[0][1] > 1:
-        t = float(later[0][0])
-        return t + (secs - t) * speedup
-    return secs
+    marks = [(0.0, int(nb["threads"]))] + [(float(t), int(n)) for t, n in nb.get("threads_later") or []]
+    total = 0.0
+    for (start, n), end in zip(marks, [t for t, _ in marks[1:]] + [secs]):
+        total += max(0.0, end - start) * (speedup if n > 1 else 1.0)
+    return total
 
 
 def simulate(work: dict[str, float], deps: dict[str, list[str]], order: list[str], jobs: int = 2,

@@ -373,3 +373,5 @@ def test_the_schedule_model_replays_the_runners_rules():
     assert m.one_thread_seconds({"seconds": 50}, 1.7) == 85
     assert m.one_thread_seconds({"seconds": 300, "threads": 1, "threads_later": [[100, 2]]}, 1.5) == 400
     assert m.one_thread_seconds({"seconds": 300, "threads": 1}, 1.5) == 300
+    # widened at 100 s, back to one thread at 200 s (a new partner started)
+    assert m.one_thread_seconds({"seconds": 300, "threads": 1, "threads_later": [[100, 2], [200, 1]]}, 1.5) == 350
