@@ -41,12 +41,11 @@ def simulate(work: dict[str, float], deps: dict[str, list[str]], order: list[str
     left = dict(work)
     pending, running, ends, t = list(order), set(), {}, 0.0
     while pending or running:
-        for name in list(pending):
-            if len(running) >= jobs or any(n in exclusive for n in running):
-                break
+        for name in list(pending):  # run.main's start loop: ready, then room, then exclusive
             if any(d in work and d not in ends for d in deps.get(name, [])):
                 continue
-            if name in exclusive and running:
+            alone_only = name in exclusive or any(n in exclusive for n in running)
+            if len(running) >= jobs or (alone_only and running):
                 break
             pending.remove(name)
             running.add(name)

@@ -322,6 +322,7 @@ def test_two_runs_starting_at_once_never_leave_latest_missing(tmp_path):
     runs = [tmp_path / "runs" / name for name in ("a", "b")]
     for d in runs:
         d.mkdir(parents=True)
+    resolved = [r.resolve() for r in runs]
     run._update_latest(runs[0])
     errors: list[str] = []
 
@@ -333,7 +334,7 @@ def test_two_runs_starting_at_once_never_leave_latest_missing(tmp_path):
             except OSError as e:
                 errors.append(repr(e))
                 continue
-            if got is None or got not in [r.resolve() for r in runs]:
+            if got not in resolved:
                 errors.append(f"latest read as {got}")
 
     threads = [threading.Thread(target=move_and_read, args=(d,)) for d in runs]
@@ -342,7 +343,7 @@ def test_two_runs_starting_at_once_never_leave_latest_missing(tmp_path):
     for t in threads:
         t.join()
     assert not errors, errors[:3]
-    assert run.latest_run(tmp_path) in [r.resolve() for r in runs]
+    assert run.latest_run(tmp_path) in resolved
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "runs"]
 
 
