@@ -120,6 +120,12 @@ def start_first(profile: str, given: str | None = None) -> list[str]:
     return names_in(given) if given is not None else list(config.PROFILES.get(profile, {}).get("course_first", []))
 
 
+def start_order(notebooks: list[Path], first: list[str]) -> list[Path]:
+    """The queue a run starts from: course order, except that the notebooks named in ``first``
+    (``start_first``) go to the front; each group keeps course order."""
+    return sorted(notebooks, key=lambda p: not any(matches(p, t) for t in first))
+
+
 def depends_of(nb_path: Path, profile: str | None = None) -> list[str]:
     """The notebooks ``nb_path`` needs to have run first: its declared ``depends`` (or ``DEPENDS``),
     plus, for a ``profile``, the producers of every ``artifact:<name>`` that the stages it reads
@@ -603,9 +609,9 @@ def main(argv: list[str] | None = None) -> int:
     from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
     chosen_names = {p.stem for p in chosen}
-    # course order, except that the profile's (or --first's) notebooks go to the front of the queue:
-    # they start as soon as their upstream is done, before the others that are ready then
-    pending = sorted(chosen, key=lambda p: not any(matches(p, t) for t in first))
+    # the profile's (or --first's) notebooks start as soon as their upstream is done, before the
+    # others that are ready then
+    pending = start_order(chosen, first)
     running: dict[Any, str] = {}
     cores = os.cpu_count() or 1
     current: dict[str, int] = {}  # running notebooks that started capped: their threads now

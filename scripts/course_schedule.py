@@ -82,8 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         work[name] = float(secs)
     nb_dir = paths.repo_root() / "notebooks"
     deps = {name: run.depends_of(nb_dir / f"{name}.ipynb", summary["profile"]) for name in work}
-    first = run.start_first(summary["profile"])
-    order = sorted(work, key=lambda n: (not any(run.matches(Path(n), f) for f in first), n))
+    order = [p.name for p in run.start_order([Path(n) for n in sorted(work)], run.start_first(summary["profile"]))]
     wall, ends = simulate(work, deps, order, args.jobs, args.speedup)
     for name in sorted(ends, key=ends.get):
         print(f"{name:20s} one-thread {work[name]:7.0f} s   ends at {ends[name]:7.0f} s")

@@ -4,6 +4,7 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -370,6 +371,10 @@ def test_the_schedule_model_replays_the_runners_rules():
     wall, ends = m.simulate({"a": 100, "b": 60, "c": 40, "d": 10}, {}, ["a", "b", "c", "d"], speedup=2.0,
                             exclusive=frozenset({"c"}))
     assert ends["b"] == 60 and ends["a"] == 80 and ends["c"] == 100 and ends["d"] == 105
+    # the queue both start from: the named notebooks first, each group in course order
+    nbs = [Path(n) for n in ("01_data", "02_sft", "06_rag", "08_benchmarking")]
+    assert [p.name for p in run.start_order(nbs, ["8", "06"])] == ["06_rag", "08_benchmarking", "01_data", "02_sft"]
+    assert run.start_order(nbs, []) == nbs
     # one-thread seconds: every core from the start, or the second core from 100 s on
     assert m.one_thread_seconds({"seconds": 50}, 1.7) == 85
     assert m.one_thread_seconds({"seconds": 300, "threads": 1, "threads_later": [[100, 2]]}, 1.5) == 400
